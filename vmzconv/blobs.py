@@ -1,0 +1,225 @@
+"""Read a VMZ Caffe2 ``.pkl`` into named float32 arrays, safely.
+
+The file is interpreted by :mod:`vmzconv.picklevm` (no code runs); each array
+record it yields is validated here (little-endian float32/float64/int32/int64,
+byte count equal to shape x itemsize, C or Fortran order) and built with
+``np.frombuffer`` over the file's own bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import picklevm
+from .errors import InputError, UnsafePickleError
+
+_DTYPES = {"f4": np.dtype("<f4"), "f8": np.dtype("<f8"), "i4": np.dtype("<i4"), "i8": np.dtype("<i8")}
+_MAX_ELEMENTS = 1 << 40
+
+
+@dataclass
+class Blobs:
+    """Unscoped blob name -> array, with what the reader noticed on the way."""
+
+    source: str
+    arrays: dict[str, np.ndarray]
+    sha256: str = ""
+    size: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays
+
+    def names(self) -> list[str]:
+        return list(self.arrays)
+
+
+def read_blobs(path: str | Path) -> Blobs:
+    """Read ``path`` (a Python-2 or Python-3 pickle of Caffe2 blobs)."""
+    path = Path(path)
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{source}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{source}: is a folder, not a file") from None
+    except OSError as e:
+        raise InputError(f"{source}: cannot read: {e.strerror or e}") from None
+    blobs = blobs_from_bytes(data, source)
+    blobs.sha256 = hashlib.sha256(data).hexdigest()
+    blobs.size = len(data)
+    return blobs
+
+
+def blobs_from_bytes(data: bytes, source: str = "<bytes>") -> Blobs:
+    _sniff_wrong_file(data, source)
+    top = picklevm.load(data, source)
+    raw = _blob_dict(top, source)
+    notes: list[str] = []
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in raw.items():
+        name = key.rsplit("/", 1)[-1]
+        if name in arrays:
+            notes.append(f"scoped duplicate {key!r} ignored (first {name!r} kept)")
+            continue
+        if name != key:
+            notes.append(f"scope stripped: {key!r} -> {name!r}")
+        arr = _array(value, name, source)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+            notes.append(f"{name}: float64 cast to float32")
+        arrays[name] = arr
+    return Blobs(source=source, arrays=arrays, notes=_summarise(notes))
+
+
+def _summarise(notes: list[str]) -> list[str]:
+    """Collapse per-blob notes of the same kind so a report stays short."""
+    scoped = [n for n in notes if n.startswith("scope stripped")]
+    rest = [n for n in notes if not n.startswith("scope stripped")]
+    if scoped:
+        rest.insert(0, f"scope prefixes stripped from {len(scoped)} blob names (e.g. {scoped[0][16:]})")
+    return rest
+
+
+def _blob_dict(top, source: str) -> dict:
+    if not isinstance(top, dict):
+        raise InputError(f"{source}: the pickle holds a {type(top).__name__}, not a dict of blobs")
+    for key in ("blobs", b"blobs"):
+        if key in top:
+            top = top[key]
+            if not isinstance(top, dict):
+                raise InputError(f"{source}: 'blobs' holds a {type(top).__name__}, not a dict")
+            break
+    out = {}
+    for key, value in top.items():
+        if isinstance(key, bytes):
+            key = key.decode("latin-1")
+        if not isinstance(key, str):
+            raise InputError(f"{source}: blob key {key!r} is not a string")
+        out[key] = value
+    _sniff_wrong_dict(out, source)
+    return out
+
+
+def _array(value, name: str, source: str) -> np.ndarray:
+    if not isinstance(value, picklevm.ArrayStub):
+        raise InputError(f"{source}: blob {name!r} is a {type(value).__name__}, not a numpy array")
+    where = f"{source}: blob {name!r}"
+    if not value.built:
+        raise UnsafePickleError(f"{where}: ndarray without state")
+    dtype = _dtype(value.dtype, where)
+    shape = value.shape
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise UnsafePickleError(f"{where}: bad shape {shape!r}")
+    count = math.prod(shape)
+    if count > _MAX_ELEMENTS:
+        raise UnsafePickleError(f"{where}: shape {shape} declares {count} elements")
+    buf = _buffer(value.data, where)
+    if len(buf) != count * dtype.itemsize:
+        raise InputError(
+            f"{where}: shape {list(shape)} x {dtype.itemsize} bytes needs {count * dtype.itemsize} bytes, "
+            f"the file holds {len(buf)}"
+        )
+    arr = np.frombuffer(buf, dtype=dtype)
+    if value.fortran and len(shape) > 1:
+        return np.ascontiguousarray(arr.reshape(shape[::-1]).T)
+    return arr.reshape(shape)
+
+
+def _dtype(stub, where: str) -> np.dtype:
+    if not isinstance(stub, picklevm.DtypeStub):
+        raise UnsafePickleError(f"{where}: dtype is not a numpy.dtype record")
+    code = stub.code
+    if code not in _DTYPES:
+        raise UnsafePickleError(
+            f"{where}: dtype {code!r} refused (only little-endian float32/float64/int32/int64 are read)"
+        )
+    state = stub.state
+    if state is None:
+        raise UnsafePickleError(f"{where}: dtype {code!r} without state")
+    if len(state) not in (8, 9) or state[0] not in (3, 4):
+        raise UnsafePickleError(f"{where}: dtype {code!r} has an unexpected state {state!r:.80}")
+    order, subarray, names, fields, elsize, align, flags = state[1:8]
+    if order not in ("<", "="):
+        raise UnsafePickleError(f"{where}: dtype {code!r} byte order {order!r} refused (little-endian only)")
+    if subarray is not None or names is not None or fields is not None:
+        raise UnsafePickleError(f"{where}: structured or sub-array dtype refused")
+    if elsize != -1 or align != -1 or flags != 0 or (len(state) == 9 and state[8] is not None):
+        raise UnsafePickleError(f"{where}: dtype {code!r} with inconsistent size/alignment/flags refused")
+    return _DTYPES[code]
+
+
+def _buffer(data, where: str):
+    if isinstance(data, picklevm.Raw):
+        return data.view
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, str):
+        try:
+            return data.encode("latin-1")
+        except UnicodeEncodeError:
+            raise InputError(f"{where}: array data is not a byte string") from None
+    if isinstance(data, list):
+        raise UnsafePickleError(f"{where}: array data is a list (object array) — refused")
+    raise UnsafePickleError(f"{where}: array data is a {type(data).__name__}")
+
+
+def _sniff_wrong_file(data: bytes, source: str) -> None:
+    """Name the common wrong downloads before trying to interpret them."""
+    if not data:
+        raise InputError(f"{source}: the file is empty")
+    head = data[:512].lstrip().lower()
+    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")) or b"<html" in head[:256]:
+        raise InputError(f"{source}: this looks like an HTML page, not a pickle — was the download a web page?")
+    if data[:4] == b"PK\x03\x04":
+        try:
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except zipfile.BadZipFile:
+            names = []
+        if any(n.endswith("data.pkl") for n in names):
+            raise InputError(
+                f"{source}: this is a PyTorch checkpoint (torch.save zip), not a Caffe2 pickle — "
+                "it may already be converted; `vmzconv parity`/`verify` read .pth files"
+            )
+        if any(n.endswith(".npy") for n in names):
+            raise InputError(f"{source}: this is a numpy .npz archive, not a Caffe2 pickle")
+        raise InputError(f"{source}: this is a zip archive, not a Caffe2 pickle")
+    if data[:14] == b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19":
+        raise InputError(f"{source}: this is a legacy PyTorch checkpoint (torch.save), not a Caffe2 pickle")
+    if data[:6] == b"\x93NUMPY":
+        raise InputError(f"{source}: this is a numpy .npy file, not a Caffe2 pickle")
+    if data[:1] not in b"\x80(}]cKJI" and _looks_like_text(data[:512]):
+        raise InputError(f"{source}: this is a text file, not a pickle")
+
+
+def _looks_like_text(chunk: bytes) -> bool:
+    try:
+        text = chunk.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\r\n\t" for c in text)
+
+
+def _sniff_wrong_dict(blobs: dict, source: str) -> None:
+    keys = set(blobs)
+    if {"state_dict", "meta"} & keys or any(k.startswith(("backbone.", "module.")) for k in keys):
+        raise InputError(f"{source}: this is a PyTorch/MMAction2 state dict, not a Caffe2 pickle")
+    if {"final_avg", "softmax", "video_id"} & keys and not any(k.endswith("_w") for k in keys):
+        raise InputError(
+            f"{source}: this is a VMZ feature-extraction output (activations such as "
+            f"{', '.join(sorted({'final_avg', 'softmax', 'video_id'} & keys))}), not a model checkpoint"
+        )

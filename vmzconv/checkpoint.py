@@ -1,0 +1,111 @@
+"""Write and read converted checkpoints: ``.pth`` (MMAction2's container) and ``.safetensors``.
+
+Writes are atomic: a temp file in the destination folder, fsync, rename. An
+interrupted or failed write leaves nothing behind, and an existing output is
+only replaced with ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, OutputError
+
+SUFFIXES = (".pth", ".safetensors")
+META_KEY = "vmzconv_meta"
+
+
+def check_output_path(out: str | Path, force: bool = False) -> Path:
+    out = Path(out)
+    if out.suffix not in SUFFIXES:
+        raise OutputError(f"{out}: output must end in .pth or .safetensors")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a folder")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists (use --force to overwrite)")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: folder {out.parent} does not exist")
+    return out
+
+
+def encode(state_dict: "OrderedDict[str, torch.Tensor]", meta: dict, suffix: str) -> bytes:
+    """The exact bytes of the output file (deterministic for the same inputs)."""
+    if suffix == ".pth":
+        buf = io.BytesIO()
+        torch.save({"state_dict": state_dict, "meta": meta}, buf)
+        return buf.getvalue()
+    if suffix == ".safetensors":
+        from safetensors.torch import save
+
+        return save(dict(state_dict), metadata=safetensors_metadata(meta))
+    raise OutputError(f"unknown output suffix {suffix!r}")
+
+
+def safetensors_metadata(meta: dict) -> dict[str, str]:
+    """Strings only: ``format=pt``, each meta field (JSON where structured), and the whole meta as JSON."""
+    out = {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)}
+    for key, value in meta.items():
+        out[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return out
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save(path: str | Path, state_dict, meta: dict, force: bool = False) -> str:
+    """Write the checkpoint; returns the sha256 of the written bytes."""
+    path = check_output_path(path, force)
+    data = encode(state_dict, meta, path.suffix)
+    write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]", dict]:
+    """Read a converted (or any MMAction2) checkpoint safely: ``weights_only`` for .pth."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            state = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputError(f"{path}: not a readable safetensors file: {e}") from None
+        meta = json.loads(raw[META_KEY]) if META_KEY in raw else {}
+        return OrderedDict(state), meta
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise InputError(f"{path}: not a readable PyTorch checkpoint: {str(e).splitlines()[0][:200]}") from None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        state, meta = obj["state_dict"], obj.get("meta") or {}
+    elif isinstance(obj, dict):
+        state, meta = obj, {}
+    else:
+        raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    state = OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state.items())
+    return state, dict(meta)

@@ -1,0 +1,224 @@
+"""``vmzconv``: a thin click shell over the library; each command is one library call."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .arch import ARCH_NAMES
+from .errors import VmzconvError
+from .parity import DEFAULT_CLIP, DEFAULT_TOLERANCE, parse_clip
+
+TARGET_NAMES = ("mmaction2", "mmaction2-backbone")
+
+
+def _fail_cleanly(fn):
+    """User errors become one line on stderr and an exit code; Ctrl-C leaves no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VmzconvError as e:
+            click.echo(f"vmzconv: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("vmzconv: interrupted; no partial output was left", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+class _Stages:
+    """A small progress bar over the pipeline's stages (stderr, only on a terminal)."""
+
+    def __init__(self, quiet: bool, stages=("read", "map", "parity", "write")):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(stages), desc="convert", unit="step", leave=False,
+                        disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_description(name)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _print_result(res, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({
+            "output": res.output, "sha256": res.sha256, "arch": res.arch, "num_classes": res.num_classes,
+            "target": res.target, "tensors": res.tensors, "blobs_converted": res.blobs_converted,
+            "ignored": res.ignored, "dropped": res.dropped, "notes": res.notes,
+            "parity": res.verdict.to_meta() if res.verdict else None, "seconds": res.seconds,
+        }, indent=2))
+        return
+    rows = [
+        ("output", res.output),
+        ("arch", f"{res.arch} ({res.num_classes} classes)"),
+        ("target", res.target),
+        ("tensors", f"{res.tensors} written from {res.blobs_converted} blobs"),
+        ("ignored", ", ".join(f"{k} ({v})" for k, v in res.ignored.items()) or "none"),
+    ]
+    if res.dropped:
+        rows.append(("dropped", ", ".join(res.dropped)))
+    rows += [(f"note", n) for n in res.notes]
+    rows.append(("parity", res.verdict.summary() if res.verdict else "skipped (--no-parity)"))
+    rows += [("sha256", res.sha256), ("seconds", f"{res.seconds:.1f}")]
+    for k, v in rows:
+        click.echo(f"{k:<8} {v}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vmzconv")
+def main():
+    """Convert VMZ (Caffe2) ir-CSN / ip-CSN .pkl checkpoints into PyTorch checkpoints
+    that load strictly into MMAction2, and prove each one numerically.
+
+    Start with `vmzconv demo` (no downloads), then `vmzconv inspect FILE.pkl`
+    and `vmzconv convert FILE.pkl OUT.pth`.
+    """
+
+
+_parity_clip_option = click.option(
+    "--parity-clip", default=f"{DEFAULT_CLIP[0]},{DEFAULT_CLIP[1]}", show_default=True, metavar="T,H",
+    help="Frames and side of the fixed parity clip (1 x 3 x T x H x H).")
+_tolerance_option = click.option(
+    "--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
+    help="Largest allowed absolute logit difference.")
+
+
+@main.command()
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--arch", type=click.Choice(("auto",) + ARCH_NAMES), default="auto", show_default=True,
+              help="Expected architecture; a named one that disagrees with the blobs is an error.")
+@click.option("--target", type=click.Choice(TARGET_NAMES), default="mmaction2", show_default=True,
+              help="Output layout.")
+@click.option("--mapping", "mapping_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Use this mapping table (TOML) instead of the built-in one.")
+@click.option("--parity/--no-parity", "check_parity", default=True, show_default=True,
+              help="Compare logits with the NumPy Caffe2 reference before writing.")
+@_parity_clip_option
+@_tolerance_option
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def convert(src, out, arch, target, mapping_path, check_parity, parity_clip, tolerance, force, as_json, quiet):
+    """Convert SRC (a VMZ .pkl) to OUT (.pth or .safetensors, by suffix).
+
+    Reads SRC without executing it, maps every blob through a declarative table,
+    loads the result strictly into the reference model, checks parity against the
+    Caffe2-semantics reference, and only then writes OUT atomically. Exit status:
+    0 written, 1 parity failed, 2 bad input.
+    """
+    from .convert import convert as run
+
+    stages = _Stages(quiet or as_json)
+    try:
+        res = run(src, out, arch=arch, target=target, mapping_path=mapping_path, check_parity=check_parity,
+                  parity_clip=parse_clip(parity_clip), tolerance=tolerance, force=force, progress=stages)
+    finally:
+        stages.close()
+    _print_result(res, as_json)
+
+
+@main.command()
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_fail_cleanly
+def inspect(src, as_json):
+    """Show what SRC (a VMZ .pkl) holds: architecture, classes, blob and parameter
+    counts, training leftovers and anything suspicious — without converting."""
+    from .convert import inspect as run
+
+    report = run(src)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"file       {report['file']} ({report['bytes']} bytes, sha256 {report['sha256'][:16]}...)")
+    click.echo(f"blobs      {report['blobs']} ({', '.join(report['dtypes'])})")
+    if report.get("arch") is None:
+        click.echo(f"arch       not recognised: {report['problem']}")
+        sys.exit(2)
+    click.echo(f"arch       {report['arch']} ({report['num_classes']} classes, conv1 temporal kernel "
+               f"{report['conv1_temporal_kernel']})")
+    click.echo(f"parameters {report['parameters']:,} in {report['parameter_blobs']} parameter blobs")
+    left = report["non_parameter_blobs"]
+    click.echo(f"leftovers  {len(left)}" + (": " + ", ".join(f"{k} ({v})" for k, v in list(left.items())[:6]) if left else ""))
+    for note in report["notes"]:
+        click.echo(f"note       {note}")
+    sus = {k: v for k, v in report["suspicious"].items() if v}
+    if not sus:
+        click.echo("suspicious nothing")
+    for kind, items in sus.items():
+        shown = items if isinstance(items, list) else [f"{k}: {v}" for k, v in items.items()]
+        click.echo(f"suspicious {kind}: {', '.join(shown[:6])}{' ...' if len(shown) > 6 else ''}")
+
+
+@main.command()
+@click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("converted", type=click.Path(dir_okay=False, path_type=Path))
+@_parity_clip_option
+@_tolerance_option
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+@_fail_cleanly
+def parity(src, converted, parity_clip, tolerance, as_json):
+    """Check an existing CONVERTED file (.pth or .safetensors) against SRC (its .pkl).
+
+    Exit status 0 when the logits agree within the tolerance with identical top-5, 1 otherwise.
+    """
+    from . import parity as parity_mod
+    from .convert import parity_of
+
+    a, target, verdict = parity_of(src, converted, parse_clip(parity_clip), tolerance)
+    if as_json:
+        click.echo(json.dumps({"arch": a.name, "target": target, **verdict.to_meta()}, indent=2))
+    else:
+        click.echo(f"{converted} ({a.name}, {target}) vs {src}")
+        click.echo(f"parity   {verdict.summary()}")
+    parity_mod.require(verdict, str(converted))
+
+
+@main.command()
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vmzconv-demo"),
+              show_default=True, help="Where the demo pickle and checkpoint go.")
+@click.option("--arch", type=click.Choice(ARCH_NAMES), default="ircsn_r50", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_fail_cleanly
+def demo(out_dir, arch, seed):
+    """Write a VMZ-format pickle (Python-2 cPickle opcodes, seeded weights) and convert it.
+
+    Needs no download: shows the whole pipeline, parity included, on a model
+    of the real size and layout.
+    """
+    from .arch import parse_arch_name
+    from .convert import convert as run
+    from .synth import seeded_blobs, write_vmz_pickle
+
+    family, depth = parse_arch_name(arch)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pkl = write_vmz_pickle(out_dir / f"demo_{arch}.pkl", seeded_blobs(family, depth, 400, seed))
+    click.echo(f"wrote    {pkl} (VMZ format, {pkl.stat().st_size / 1e6:.1f} MB, seed {seed})")
+    stages = _Stages(False)
+    try:
+        res = run(pkl, out_dir / f"demo_{arch}.pth", arch=arch, force=True, progress=stages)
+    finally:
+        stages.close()
+    _print_result(res, False)
+    click.echo(f"next     vmzconv inspect {pkl}   |   vmzconv parity {pkl} {res.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Apply a declarative mapping table (``mappings/*.toml``) to a set of blobs.
+
+A table says which Caffe2 blob feeds which state_dict entry for one
+(family, target) pair. This engine expands its templates over the block
+enumeration and then accounts for every name: each blob consumed exactly once
+(or classified as a training leftover), each target entry filled exactly once,
+each shape equal to the model's. It knows no Caffe2 names itself.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import tomllib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .arch import Arch
+from .blobs import Blobs
+from .errors import InputError, MappingError
+
+
+def mappings_dir() -> Path:
+    """Installed wheels carry the tables in ``vmzconv/mappings``; a checkout has them at the top."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "mappings", here.parent / "mappings"):
+        if candidate.is_dir():
+            return candidate
+    raise MappingError(f"mapping tables not found next to {here}")
+
+
+def builtin_table_path(family: str, target: str) -> Path:
+    path = mappings_dir() / f"{family}csn.{target}.toml"
+    if not path.is_file():
+        raise MappingError(f"no built-in mapping table for {family}-CSN -> {target} ({path.name})")
+    return path
+
+
+@dataclass
+class Table:
+    path: Path
+    family: str
+    target: str
+    bn_suffixes: dict[str, str]
+    bn_constants: dict[str, int]
+    sections: dict[str, dict]
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+_SECTIONS = ("stem", "block", "projection", "head")
+
+
+def load_table(path: str | Path) -> Table:
+    path = Path(path)
+    try:
+        raw_bytes = path.read_bytes()
+        raw = tomllib.loads(raw_bytes.decode("utf-8"))
+    except FileNotFoundError:
+        raise MappingError(f"mapping table {path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MappingError(f"mapping table {path}: not valid TOML: {e}") from None
+    for key in ("family", "target"):
+        if not isinstance(raw.get(key), str):
+            raise MappingError(f"mapping table {path}: missing string field {key!r}")
+    bn = raw.get("bn", {})
+    unknown = set(raw) - {"family", "target", "bn", *_SECTIONS}
+    if unknown:
+        raise MappingError(f"mapping table {path}: unknown sections {sorted(unknown)}")
+    return Table(
+        path=path,
+        family=raw["family"],
+        target=raw["target"],
+        bn_suffixes=dict(bn.get("suffixes", {})),
+        bn_constants=dict(bn.get("constants", {})),
+        sections={s: dict(raw.get(s, {})) for s in _SECTIONS},
+        sha256=hashlib.sha256(raw_bytes).hexdigest(),
+    )
+
+
+@dataclass
+class Plan:
+    """The expanded table for one arch: blob -> key, blob -> dropped role, key -> constant."""
+
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)
+    constants: dict[str, int] = field(default_factory=dict)
+
+
+def block_enumeration(arch: Arch):
+    """(i, L, j) for every block: VMZ's global counter, layer 1-4, index in layer."""
+    i = 0
+    for layer, n in enumerate(arch.layers, start=1):
+        for j in range(n):
+            yield i, layer, j
+            i += 1
+
+
+def expand(table: Table, arch: Arch) -> Plan:
+    plan = Plan()
+    contexts = {
+        "stem": [{}],
+        "head": [{"classes": arch.num_classes}],
+        "block": [dict(i=i, L=L, j=j) for i, L, j in block_enumeration(arch)],
+        "projection": [dict(i=i, L=L, j=j) for i, L, j in block_enumeration(arch) if j == 0],
+    }
+    for section, entries in table.sections.items():
+        for ctx in contexts[section]:
+            for src_t, dst in entries.items():
+                src = _fmt(table, src_t, ctx)
+                if isinstance(dst, str):
+                    plan.pairs.append((src, _fmt(table, dst, ctx)))
+                elif isinstance(dst, dict) and set(dst) == {"bn"}:
+                    prefix = _fmt(table, dst["bn"], ctx)
+                    for sfx, attr in table.bn_suffixes.items():
+                        plan.pairs.append((src + sfx, f"{prefix}.{attr}"))
+                    for attr, value in table.bn_constants.items():
+                        plan.constants[f"{prefix}.{attr}"] = value
+                elif isinstance(dst, dict) and set(dst) == {"drop"}:
+                    plan.dropped[src] = str(dst["drop"])
+                else:
+                    raise MappingError(f"mapping table {table.name}: [{section}] {src_t!r} has an unknown value {dst!r}")
+    return plan
+
+
+def _fmt(table: Table, template: str, ctx: dict) -> str:
+    try:
+        return template.format(**ctx)
+    except (KeyError, IndexError, ValueError) as e:
+        raise MappingError(f"mapping table {table.name}: template {template!r} uses an unknown variable ({e})") from None
+
+
+@dataclass
+class Leftovers:
+    ignore: list[tuple[str, str]]
+    refuse: list[tuple[str, str]]
+
+    def classify(self, name: str) -> tuple[str, str] | None:
+        for kind, rules in (("refuse", self.refuse), ("ignore", self.ignore)):
+            for pattern, why in rules:
+                if fnmatch.fnmatchcase(name, pattern):
+                    return kind, why
+        return None
+
+
+def load_leftovers() -> Leftovers:
+    raw = tomllib.loads((mappings_dir() / "caffe2-leftovers.toml").read_text())
+    return Leftovers(
+        ignore=[(r["pattern"], r["why"]) for r in raw.get("ignore", [])],
+        refuse=[(r["pattern"], r["why"]) for r in raw.get("refuse", [])],
+    )
+
+
+@dataclass
+class Mapped:
+    state_dict: "OrderedDict[str, torch.Tensor]"
+    ignored: dict[str, str]            # blob -> why (training leftovers)
+    dropped: dict[str, np.ndarray]     # role -> array (e.g. the FC of a backbone-only target)
+    dropped_blobs: list[str]
+
+
+def apply(table: Table, arch: Arch, blobs: Blobs, expected: "OrderedDict[str, torch.Tensor]") -> Mapped:
+    """Fill ``expected`` (a model's state_dict) from ``blobs`` through ``table``."""
+    if table.family != arch.family:
+        raise MappingError(f"mapping table {table.name} is for {table.family}-CSN, the blobs are {arch.name}")
+    plan = expand(table, arch)
+    src = blobs.source
+    seen_blobs: dict[str, str] = {}
+    filled: dict[str, torch.Tensor] = {}
+    for blob, key in plan.pairs:
+        if blob in seen_blobs or blob in plan.dropped:
+            raise MappingError(f"mapping table {table.name}: blob {blob!r} is used twice ({seen_blobs.get(blob, 'drop')} and {key})")
+        seen_blobs[blob] = key
+        if key in filled or key in plan.constants:
+            raise MappingError(f"mapping table {table.name}: entry {key!r} is filled twice")
+        if key not in expected:
+            raise MappingError(f"mapping table {table.name}: {blob!r} -> {key!r}, but the {arch.name} model has no entry {key!r}")
+        if blob not in blobs:
+            raise MappingError(f"{src}: blob {blob!r} is missing (it feeds {key}, shape {list(expected[key].shape)})")
+        arr = blobs[blob]
+        want = tuple(expected[key].shape)
+        if arr.shape != want:
+            raise MappingError(f"{src}: blob {blob!r} has shape {list(arr.shape)}, {key} needs {list(want)}")
+        if arr.dtype != np.float32:
+            raise MappingError(f"{src}: blob {blob!r} is {arr.dtype}, {key} needs float32")
+        filled[key] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+    for key, value in plan.constants.items():
+        if key not in expected:
+            raise MappingError(f"mapping table {table.name}: constant {key!r} is not an entry of the {arch.name} model")
+        filled[key] = torch.tensor(value, dtype=expected[key].dtype)
+    for blob in plan.dropped:
+        if blob not in blobs:
+            raise MappingError(f"{src}: blob {blob!r} is missing")
+
+    missing = [k for k in expected if k not in filled]
+    if missing:
+        raise MappingError(
+            f"mapping table {table.name} leaves {len(missing)} entries of the {arch.name} model unfilled: "
+            + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        )
+
+    leftovers = load_leftovers()
+    ignored: dict[str, str] = {}
+    unknown: list[str] = []
+    for name in blobs.names():
+        if name in seen_blobs or name in plan.dropped:
+            continue
+        verdict = leftovers.classify(name)
+        if verdict is None:
+            unknown.append(name)
+        elif verdict[0] == "refuse":
+            raise InputError(f"{src}: blob {name!r}: {verdict[1]}")
+        else:
+            ignored[name] = verdict[1]
+    if unknown:
+        shown = ", ".join(f"{n!r} {list(blobs[n].shape)}" for n in unknown[:4])
+        raise MappingError(
+            f"{src}: {len(unknown)} unknown blob{'s' if len(unknown) > 1 else ''} not part of {arch.name} "
+            f"(table {table.name}): {shown}{' ...' if len(unknown) > 4 else ''}"
+        )
+    state = OrderedDict((k, filled[k]) for k in expected)
+    dropped = {role: blobs[b] for b, role in plan.dropped.items()}
+    return Mapped(state, ignored, dropped, sorted(plan.dropped))

@@ -1,0 +1,119 @@
+"""Numerical parity: the converted PyTorch model against the NumPy Caffe2 reference.
+
+Both sides see the same fixed clip. The clip is closed-form, so anyone can
+rebuild it: element j (flat C-order index, float64) of an N x 3 x T x H x W
+array is ``sin(0.013*j + 0.5) + 0.5*cos(0.0071*j)``, cast to float32 and fed
+as already-normalised input. (It is the clip of shared/golden's GOLDEN-1 recipe.)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import reference
+from .errors import CheckError, VmzconvError
+
+DEFAULT_CLIP = (8, 224)       # T, H (= W)
+DEFAULT_TOLERANCE = 1e-4      # max |logit difference|
+
+
+def fixed_clip(t: int = DEFAULT_CLIP[0], h: int = DEFAULT_CLIP[1], w: int | None = None, n: int = 1) -> np.ndarray:
+    w = h if w is None else w
+    j = np.arange(n * 3 * t * h * w, dtype=np.float64)
+    return (np.sin(0.013 * j + 0.5) + 0.5 * np.cos(0.0071 * j)).astype(np.float32).reshape(n, 3, t, h, w)
+
+
+def parse_clip(text: str) -> tuple[int, int]:
+    try:
+        t, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise VmzconvError(f"--parity-clip takes T,H (e.g. 8,224), not {text!r}") from None
+    if t < 8 or h < 32:
+        raise VmzconvError(f"--parity-clip {text}: needs T >= 8 and H >= 32 (VMZ changes its temporal strides below 8 frames)")
+    return t, h
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    max_abs_diff: float
+    max_rel_diff: float
+    worst_class: int
+    top1_agree: bool
+    top5_identical: bool
+    tolerance: float
+    clip: list
+    reason: str
+    reference_seconds: float
+    model_seconds: float
+
+    def to_meta(self) -> dict:
+        d = asdict(self)
+        return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in d.items()}
+
+    def summary(self) -> str:
+        state = "PASS" if self.passed else "FAIL"
+        return (f"{state}: max |logit diff| {self.max_abs_diff:.3g} (rel {self.max_rel_diff:.3g}, "
+                f"tolerance {self.tolerance:g}), top-1 {'same' if self.top1_agree else 'DIFFERENT'}, "
+                f"top-5 {'identical' if self.top5_identical else 'DIFFERENT'}; clip {'x'.join(map(str, self.clip))}")
+
+
+def compare(ours: np.ndarray, ref: np.ndarray, tolerance: float = DEFAULT_TOLERANCE, clip=()) -> Verdict:
+    """Verdict for logits ``ours`` (model) against ``ref`` (reference), both [N, classes]."""
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    finite = bool(np.isfinite(ours).all() and np.isfinite(ref).all())
+    diff = np.abs(ours - ref)
+    if finite:
+        flat = int(np.argmax(diff))
+        max_abs = float(diff.reshape(-1)[flat])
+        worst = flat % ref.shape[1]
+        scale = float(np.abs(ref).max()) or 1.0
+        max_rel = max_abs / scale
+    else:
+        max_abs, max_rel, worst = float("nan"), float("nan"), -1
+    k = min(5, ref.shape[1])
+    top5_ours = np.argsort(-ours, axis=1, kind="stable")[:, :k]
+    top5_ref = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+    top1 = bool((top5_ours[:, 0] == top5_ref[:, 0]).all())
+    top5 = bool((top5_ours == top5_ref).all())
+    if not finite:
+        reason = "NaN or Inf in the logits"
+    elif max_abs > tolerance:
+        reason = f"max |logit diff| {max_abs:.4g} at class {worst} exceeds {tolerance:g}"
+    elif not top5:
+        reason = "top-5 classes differ"
+    else:
+        reason = ""
+    return Verdict(not reason, max_abs, max_rel, worst, top1, top5, tolerance, list(clip), reason, 0.0, 0.0)
+
+
+def reference_logits(blobs, family: str, depth: int, classes: int, clip: np.ndarray) -> np.ndarray:
+    return reference.forward(blobs, family, depth, classes, clip)
+
+
+def run(blobs, arch, target: str, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
+        tolerance: float = DEFAULT_TOLERANCE) -> Verdict:
+    """Run both sides on the fixed clip and return the verdict (never raises on a mismatch)."""
+    from .models import logits  # torch is only needed for this side
+
+    clip = fixed_clip(*clip_size)
+    t0 = time.perf_counter()
+    ref = reference_logits(blobs.arrays, arch.family, arch.depth, arch.num_classes, clip)
+    t1 = time.perf_counter()
+    ours = logits(target, model, clip, head)
+    t2 = time.perf_counter()
+    verdict = compare(ours, ref, tolerance, clip.shape)
+    verdict.reference_seconds = round(t1 - t0, 3)
+    verdict.model_seconds = round(t2 - t1, 3)
+    return verdict
+
+
+def require(verdict: Verdict, what: str) -> None:
+    if not verdict.passed:
+        raise CheckError(f"{what}: parity FAILED — {verdict.reason} (max |logit diff| {verdict.max_abs_diff:.4g}, "
+                         f"top-1 {'same' if verdict.top1_agree else 'different'}, "
+                         f"top-5 {'identical' if verdict.top5_identical else 'different'}); nothing was written")

@@ -1,0 +1,605 @@
+"""A pickle interpreter that cannot run code.
+
+VMZ checkpoints are Python-2 cPickle files (protocols 0-2) holding a dict of
+numpy arrays. ``pickle.load`` would execute whatever the file asks for, so we
+interpret the opcode stream ourselves: containers and scalars are built
+directly, and the only globals a file may name are the few that numpy uses to
+rebuild arrays. Those resolve to inert stand-ins that merely *record* what the
+file declares (shape, dtype descriptor, order flag, raw bytes); the caller
+validates that record and builds the array with ``np.frombuffer``. Nothing is
+imported, called or instantiated on behalf of the file.
+
+Every declared length is checked against the bytes actually present before
+anything is sliced, so a bogus length costs nothing; memo, stack, nesting and
+operation counts are capped.
+"""
+
+from __future__ import annotations
+
+import codecs
+import struct
+from dataclasses import dataclass
+
+from .errors import InputError, UnsafePickleError
+
+# Strings longer than this stay as zero-copy views of the input (array data);
+# shorter ones become ``str`` (dict keys, dtype codes), as py2 ``str`` decoded
+# with latin1 would.
+_VIEW_THRESHOLD = 1024
+
+MAX_MEMO = 1_000_000
+MAX_STACK = 1_000_000
+MAX_DEPTH = 64
+MAX_OPS = 50_000_000
+
+
+class Raw:
+    """A py2 ``str`` / py3 ``bytes`` payload kept as a view of the input."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: memoryview):
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+
+@dataclass
+class DtypeStub:
+    """What a pickled ``numpy.dtype(code, align, copy)`` + BUILD declared."""
+
+    code: str
+    state: tuple | None = None
+
+
+@dataclass
+class ArrayStub:
+    """What a pickled ndarray declared; turned into an array by the caller."""
+
+    shape: tuple = ()
+    dtype: DtypeStub | None = None
+    fortran: bool = False
+    data: object = None
+    built: bool = False
+    via: str = "_reconstruct"
+
+
+@dataclass(frozen=True)
+class _Global:
+    name: str
+
+
+# module, name -> stand-in tag. Both numpy 1.x and 2.x spellings are accepted.
+ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): "reconstruct",
+    ("numpy._core.multiarray", "_reconstruct"): "reconstruct",
+    ("numpy", "ndarray"): "ndarray",
+    ("numpy", "dtype"): "dtype",
+    ("_codecs", "encode"): "encode",
+    ("numpy.core.numeric", "_frombuffer"): "frombuffer",
+    ("numpy._core.numeric", "_frombuffer"): "frombuffer",
+}
+
+_REFUSED_OPCODES = {
+    b"i": "INST",
+    b"o": "OBJ",
+    b"\x81": "NEWOBJ",
+    b"\x92": "NEWOBJ_EX",
+    b"P": "PERSID",
+    b"Q": "BINPERSID",
+    b"\x82": "EXT1",
+    b"\x83": "EXT2",
+    b"\x84": "EXT4",
+    b"\x97": "NEXT_BUFFER",
+    b"\x98": "READONLY_BUFFER",
+}
+
+
+class _Mark:
+    pass
+
+
+_MARK = _Mark()
+
+
+def load(data: bytes | memoryview, source: str = "<pickle>"):
+    """Interpret one pickle from ``data`` and return the top-level object."""
+    return _Machine(memoryview(data).cast("B"), source).run()
+
+
+class _Machine:
+    def __init__(self, data: memoryview, source: str):
+        self.d = data
+        self.n = len(data)
+        self.pos = 0
+        self.source = source
+        self.stack: list = []
+        self.metastack: list = []
+        self.memo: dict = {}
+
+    # -- errors ---------------------------------------------------------
+    def _bad(self, msg: str) -> InputError:
+        return InputError(f"{self.source}: not a readable pickle: {msg} (at byte {self.pos})")
+
+    def _unsafe(self, msg: str) -> UnsafePickleError:
+        return UnsafePickleError(f"{self.source}: refused: {msg} (at byte {self.pos}); nothing was executed")
+
+    # -- input ----------------------------------------------------------
+    def _take(self, k: int) -> memoryview:
+        if k < 0:
+            raise self._bad("negative length")
+        if self.pos + k > self.n:
+            raise self._bad(f"truncated: {k} bytes declared, {self.n - self.pos} left")
+        v = self.d[self.pos:self.pos + k]
+        self.pos += k
+        return v
+
+    def _line(self) -> bytes:
+        end = bytes(self.d[self.pos:self.pos + (1 << 16)]).find(b"\n")
+        if end < 0:
+            raise self._bad("truncated: missing end of line")
+        line = bytes(self.d[self.pos:self.pos + end])
+        self.pos += end + 1
+        return line
+
+    def _u(self, fmt: str, k: int):
+        return struct.unpack(fmt, self._take(k))[0]
+
+    # -- stack ----------------------------------------------------------
+    def _push(self, obj):
+        if len(self.stack) >= MAX_STACK:
+            raise self._bad("stack too deep")
+        self.stack.append(obj)
+
+    def _pop(self):
+        if not self.stack:
+            raise self._bad("stack underflow")
+        obj = self.stack.pop()
+        if obj is _MARK:
+            raise self._bad("unexpected MARK")
+        return obj
+
+    def _top(self):
+        if not self.stack or self.stack[-1] is _MARK:
+            raise self._bad("stack underflow")
+        return self.stack[-1]
+
+    def _pop_mark(self) -> list:
+        if not self.metastack:
+            raise self._bad("no MARK to pop to")
+        items = self.stack
+        self.stack = self.metastack.pop()
+        for x in items:
+            if x is _MARK:
+                raise self._bad("unexpected MARK")
+        return items
+
+    def _memo_put(self, idx: int):
+        if idx < 0:
+            raise self._bad("negative memo index")
+        if len(self.memo) >= MAX_MEMO and idx not in self.memo:
+            raise self._bad("memo too large")
+        self.memo[idx] = self._top()
+
+    def _memo_get(self, idx: int):
+        if idx not in self.memo:
+            raise self._bad(f"memo key {idx} missing")
+        self._push(self.memo[idx])
+
+    # -- values ---------------------------------------------------------
+    def _str(self, view: memoryview):
+        """A py2 str: latin1 text when short, a zero-copy view when long."""
+        if len(view) > _VIEW_THRESHOLD:
+            return Raw(view)
+        return bytes(view).decode("latin-1")
+
+    def _bytes(self, view: memoryview):
+        if len(view) > _VIEW_THRESHOLD:
+            return Raw(view)
+        return bytes(view)
+
+    def _hashable(self, key):
+        if isinstance(key, Raw):
+            return bytes(key.view).decode("latin-1")
+        try:
+            hash(key)
+        except TypeError:
+            raise self._bad(f"unhashable dict key of type {type(key).__name__}") from None
+        return key
+
+    def _global(self, module: str, name: str):
+        tag = ALLOWED_GLOBALS.get((module, name))
+        if tag is None:
+            raise self._unsafe(f"global {module}.{name} is not on the allowlist")
+        return _Global(tag)
+
+    # -- reduce / build -------------------------------------------------
+    def _reduce(self, func, args):
+        if not isinstance(func, _Global):
+            raise self._unsafe(f"REDUCE on a {type(func).__name__}, not an allowlisted numpy callable")
+        if not isinstance(args, tuple):
+            raise self._bad("REDUCE arguments are not a tuple")
+        tag = func.name
+        if tag == "reconstruct":
+            if len(args) != 3 or args[0] != _Global("ndarray"):
+                raise self._unsafe("numpy _reconstruct called for something other than numpy.ndarray")
+            return ArrayStub()
+        if tag == "dtype":
+            if not args or not isinstance(args[0], str):
+                raise self._unsafe("numpy.dtype called without a type code")
+            return DtypeStub(code=args[0])
+        if tag == "encode":
+            if len(args) != 2 or not isinstance(args[0], (str, Raw)) or args[1] not in ("latin1", "latin-1"):
+                raise self._unsafe("_codecs.encode used other than encode(str, 'latin1')")
+            if isinstance(args[0], Raw):
+                return args[0]
+            try:
+                return self._bytes(memoryview(args[0].encode("latin-1")))
+            except UnicodeEncodeError:
+                raise self._bad("_codecs.encode: text is not latin1") from None
+        if tag == "frombuffer":
+            if len(args) != 4 or not isinstance(args[1], DtypeStub):
+                raise self._unsafe("numpy _frombuffer called with unexpected arguments")
+            buf, dt, shape, order = args
+            if not isinstance(shape, tuple) or order not in ("C", "F"):
+                raise self._bad("numpy _frombuffer: bad shape or order")
+            return ArrayStub(shape=shape, dtype=dt, fortran=order == "F", data=buf, built=True, via="_frombuffer")
+        raise self._unsafe(f"{tag} cannot be called")
+
+    def _build(self, obj, state):
+        if isinstance(obj, ArrayStub):
+            if obj.built:
+                raise self._bad("ndarray state set twice")
+            if not isinstance(state, tuple):
+                raise self._bad("ndarray state is not a tuple")
+            if len(state) == 5:
+                version, shape, dt, fortran, raw = state
+                if version != 1:
+                    raise self._unsafe(f"ndarray state version {version!r}")
+            elif len(state) == 4:
+                shape, dt, fortran, raw = state
+            else:
+                raise self._bad(f"ndarray state has {len(state)} items")
+            if not isinstance(shape, tuple):
+                raise self._bad("ndarray shape is not a tuple")
+            if not isinstance(dt, DtypeStub):
+                raise self._unsafe("ndarray dtype is not a numpy.dtype")
+            if not isinstance(fortran, (bool, int)):
+                raise self._unsafe("ndarray order flag is not a bool")
+            obj.shape, obj.dtype, obj.fortran, obj.data, obj.built = shape, dt, bool(fortran), raw, True
+            return
+        if isinstance(obj, DtypeStub):
+            if obj.state is not None:
+                raise self._bad("dtype state set twice")
+            if not isinstance(state, tuple):
+                raise self._bad("dtype state is not a tuple")
+            obj.state = state
+            return
+        raise self._unsafe(f"BUILD on a {type(obj).__name__}")
+
+    # -- main loop ------------------------------------------------------
+    def run(self):
+        ops = 0
+        while True:
+            ops += 1
+            if ops > MAX_OPS:
+                raise self._bad("too many operations")
+            if self.pos >= self.n:
+                raise self._bad("truncated: no STOP opcode")
+            op = bytes(self.d[self.pos:self.pos + 1])
+            self.pos += 1
+            if op == b".":  # STOP
+                return self._pop()
+            handler = _DISPATCH.get(op)
+            if handler is None:
+                name = _REFUSED_OPCODES.get(op)
+                self.pos -= 1
+                if name:
+                    raise self._unsafe(f"opcode {name} (object construction or external reference)")
+                raise self._bad(f"unknown opcode {op!r}")
+            handler(self)
+
+
+def _op_proto(m: _Machine):
+    v = m._u("<B", 1)
+    if v > 5:
+        raise m._bad(f"unsupported protocol {v}")
+
+
+def _op_frame(m: _Machine):
+    m._u("<Q", 8)
+
+
+def _op_mark(m: _Machine):
+    if len(m.metastack) >= MAX_DEPTH:
+        raise m._bad(f"nesting deeper than {MAX_DEPTH}")
+    m.metastack.append(m.stack)
+    m.stack = []
+
+
+def _op_int(m: _Machine):
+    line = m._line()
+    if line == b"00":
+        m._push(False)
+    elif line == b"01":
+        m._push(True)
+    else:
+        try:
+            m._push(int(line))
+        except ValueError:
+            raise m._bad("bad INT") from None
+
+
+def _op_long(m: _Machine):
+    line = m._line()
+    if line.endswith(b"L"):
+        line = line[:-1]
+    if len(line) > 64:
+        raise m._bad("LONG too long")
+    try:
+        m._push(int(line))
+    except ValueError:
+        raise m._bad("bad LONG") from None
+
+
+def _op_longn(k: int, fmt: str):
+    def op(m: _Machine):
+        n = m._u(fmt, k)
+        if n > 64:
+            raise m._bad("LONG too long")
+        m._push(int.from_bytes(m._take(n), "little", signed=True))
+    return op
+
+
+def _op_float(m: _Machine):
+    try:
+        m._push(float(m._line()))
+    except ValueError:
+        raise m._bad("bad FLOAT") from None
+
+
+def _op_string(m: _Machine):
+    line = m._line()
+    if len(line) < 2 or line[:1] != line[-1:] or line[:1] not in (b"'", b'"'):
+        raise m._bad("STRING not quoted")
+    try:
+        raw = codecs.escape_decode(line[1:-1])[0]
+    except Exception:
+        raise m._bad("bad STRING escape") from None
+    m._push(m._str(memoryview(raw)))
+
+
+def _op_sized(k: int, fmt: str, kind: str):
+    def op(m: _Machine):
+        n = m._u(fmt, k)
+        view = m._take(n)
+        if kind == "str":
+            m._push(m._str(view))
+        elif kind == "bytes":
+            m._push(m._bytes(view))
+        else:
+            try:
+                m._push(str(view, "utf-8", "surrogatepass"))
+            except UnicodeDecodeError:
+                raise m._bad("bad UTF-8 in unicode string") from None
+    return op
+
+
+def _op_unicode(m: _Machine):
+    try:
+        m._push(m._line().decode("raw-unicode-escape"))
+    except UnicodeDecodeError:
+        raise m._bad("bad UNICODE") from None
+
+
+def _op_binstring(m: _Machine):
+    n = m._u("<i", 4)
+    m._push(m._str(m._take(n)))
+
+
+def _op_tuple(m: _Machine):
+    m._push(tuple(m._pop_mark()))
+
+
+def _op_tuplen(k: int):
+    def op(m: _Machine):
+        if len(m.stack) < k or any(x is _MARK for x in m.stack[len(m.stack) - k:]):
+            raise m._bad("stack underflow")
+        items = tuple(m.stack[len(m.stack) - k:]) if k else ()
+        del m.stack[len(m.stack) - k:]
+        m._push(items)
+    return op
+
+
+def _op_list(m: _Machine):
+    m._push(m._pop_mark())
+
+
+def _op_dict(m: _Machine):
+    items = m._pop_mark()
+    if len(items) % 2:
+        raise m._bad("odd number of items for DICT")
+    m._push({m._hashable(items[i]): items[i + 1] for i in range(0, len(items), 2)})
+
+
+def _op_append(m: _Machine):
+    v = m._pop()
+    lst = m._top()
+    if not isinstance(lst, list):
+        raise m._unsafe(f"APPEND to a {type(lst).__name__}")
+    lst.append(v)
+
+
+def _op_appends(m: _Machine):
+    items = m._pop_mark()
+    lst = m._top()
+    if not isinstance(lst, list):
+        raise m._unsafe(f"APPENDS to a {type(lst).__name__}")
+    lst.extend(items)
+
+
+def _op_setitem(m: _Machine):
+    v = m._pop()
+    k = m._pop()
+    d = m._top()
+    if not isinstance(d, dict):
+        raise m._unsafe(f"SETITEM on a {type(d).__name__}")
+    d[m._hashable(k)] = v
+
+
+def _op_setitems(m: _Machine):
+    items = m._pop_mark()
+    d = m._top()
+    if not isinstance(d, dict):
+        raise m._unsafe(f"SETITEMS on a {type(d).__name__}")
+    if len(items) % 2:
+        raise m._bad("odd number of items for SETITEMS")
+    for i in range(0, len(items), 2):
+        d[m._hashable(items[i])] = items[i + 1]
+
+
+def _op_additems(m: _Machine):
+    items = m._pop_mark()
+    s = m._top()
+    if not isinstance(s, set):
+        raise m._unsafe(f"ADDITEMS on a {type(s).__name__}")
+    s.update(m._hashable(x) for x in items)
+
+
+def _op_frozenset(m: _Machine):
+    m._push(frozenset(m._hashable(x) for x in m._pop_mark()))
+
+
+def _op_pop(m: _Machine):
+    if m.stack:
+        m.stack.pop()
+    else:
+        m._pop_mark()
+
+
+def _op_pop_mark(m: _Machine):
+    m._pop_mark()
+
+
+def _op_dup(m: _Machine):
+    m._push(m._top())
+
+
+def _op_global(m: _Machine):
+    module = m._line().decode("latin-1")
+    name = m._line().decode("latin-1")
+    m._push(m._global(module, name))
+
+
+def _op_stack_global(m: _Machine):
+    name = m._pop()
+    module = m._pop()
+    if not isinstance(name, str) or not isinstance(module, str):
+        raise m._unsafe("STACK_GLOBAL with non-string names")
+    m._push(m._global(module, name))
+
+
+def _op_reduce(m: _Machine):
+    args = m._pop()
+    func = m._pop()
+    m._push(m._reduce(func, args))
+
+
+def _op_build(m: _Machine):
+    state = m._pop()
+    obj = m._top()
+    m._build(obj, state)
+
+
+def _op_get(m: _Machine):
+    try:
+        m._memo_get(int(m._line()))
+    except ValueError:
+        raise m._bad("bad GET") from None
+
+
+def _op_put(m: _Machine):
+    try:
+        m._memo_put(int(m._line()))
+    except ValueError:
+        raise m._bad("bad PUT") from None
+
+
+def _op_memoize(m: _Machine):
+    m._memo_put(len(m.memo))
+
+
+def _const(value):
+    def op(m: _Machine):
+        m._push(value() if callable(value) else value)
+    return op
+
+
+def _op_binfloat(m: _Machine):
+    m._push(m._u(">d", 8))
+
+
+def _op_bytearray8(m: _Machine):
+    n = m._u("<Q", 8)
+    m._push(m._bytes(m._take(n)))
+
+
+_DISPATCH = {
+    b"\x80": _op_proto,
+    b"\x95": _op_frame,
+    b"(": _op_mark,
+    b"0": _op_pop,
+    b"1": _op_pop_mark,
+    b"2": _op_dup,
+    b"N": _const(None),
+    b"\x88": _const(True),
+    b"\x89": _const(False),
+    b"I": _op_int,
+    b"J": lambda m: m._push(m._u("<i", 4)),
+    b"K": lambda m: m._push(m._u("<B", 1)),
+    b"M": lambda m: m._push(m._u("<H", 2)),
+    b"L": _op_long,
+    b"\x8a": _op_longn(1, "<B"),
+    b"\x8b": _op_longn(4, "<i"),
+    b"F": _op_float,
+    b"G": _op_binfloat,
+    b"S": _op_string,
+    b"T": _op_binstring,
+    b"U": _op_sized(1, "<B", "str"),
+    b"B": _op_sized(4, "<I", "bytes"),
+    b"C": _op_sized(1, "<B", "bytes"),
+    b"\x8e": _op_sized(8, "<Q", "bytes"),
+    b"\x96": _op_bytearray8,
+    b"V": _op_unicode,
+    b"X": _op_sized(4, "<I", "unicode"),
+    b"\x8c": _op_sized(1, "<B", "unicode"),
+    b"\x8d": _op_sized(8, "<Q", "unicode"),
+    b")": _const(tuple),
+    b"t": _op_tuple,
+    b"\x85": _op_tuplen(1),
+    b"\x86": _op_tuplen(2),
+    b"\x87": _op_tuplen(3),
+    b"]": _const(list),
+    b"l": _op_list,
+    b"a": _op_append,
+    b"e": _op_appends,
+    b"}": _const(dict),
+    b"d": _op_dict,
+    b"s": _op_setitem,
+    b"u": _op_setitems,
+    b"\x8f": _const(set),
+    b"\x90": _op_additems,
+    b"\x91": _op_frozenset,
+    b"c": _op_global,
+    b"\x93": _op_stack_global,
+    b"R": _op_reduce,
+    b"b": _op_build,
+    b"g": _op_get,
+    b"h": lambda m: m._memo_get(m._u("<B", 1)),
+    b"j": lambda m: m._memo_get(m._u("<I", 4)),
+    b"p": _op_put,
+    b"q": lambda m: m._memo_put(m._u("<B", 1)),
+    b"r": lambda m: m._memo_put(m._u("<I", 4)),
+    b"\x94": _op_memoize,
+}

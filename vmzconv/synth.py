@@ -1,0 +1,180 @@
+"""Write VMZ-format checkpoints the way Caffe2's Python 2 tools did.
+
+``minidb_to_pickle.py`` ran under Python 2 and wrote ``{"blobs": {name: ndarray}}``
+with cPickle protocol 2. Python 3's pickler cannot produce that byte stream
+(py2 ``str`` keys and array data become SHORT_BINSTRING/BINSTRING; arrays go
+through ``numpy.core.multiarray._reconstruct`` and a ``numpy.dtype`` REDUCE +
+BUILD), so this module emits the opcodes directly. It powers the demo and the
+tests; no real VMZ file is needed anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from . import reference
+
+
+class _Py2Writer:
+    """Emits py2 cPickle protocol-2 opcodes, memoising like cPickle."""
+
+    def __init__(self, out: io.BufferedIOBase):
+        self.out = out
+        self.memo: dict[object, int] = {}
+
+    def w(self, b: bytes) -> None:
+        self.out.write(b)
+
+    def put(self, key=None) -> None:
+        idx = len(self.memo)
+        self.memo[key if key is not None else ("anon", idx)] = idx
+        self.w(b"q" + struct.pack("<B", idx) if idx < 256 else b"r" + struct.pack("<I", idx))
+
+    def get(self, key) -> bool:
+        idx = self.memo.get(key)
+        if idx is None:
+            return False
+        self.w(b"h" + struct.pack("<B", idx) if idx < 256 else b"j" + struct.pack("<I", idx))
+        return True
+
+    def string(self, s: bytes, memo: bool = True) -> None:
+        key = ("str", s)
+        if memo and len(s) < 64 and self.get(key):
+            return
+        if len(s) < 256:
+            self.w(b"U" + struct.pack("<B", len(s)) + s)
+        else:
+            self.w(b"T" + struct.pack("<i", len(s)) + s)
+        self.put(key if memo and len(s) < 64 else None)
+
+    def int(self, v: int) -> None:
+        if 0 <= v < 256:
+            self.w(b"K" + struct.pack("<B", v))
+        elif 0 <= v < 65536:
+            self.w(b"M" + struct.pack("<H", v))
+        else:
+            self.w(b"J" + struct.pack("<i", v))
+
+    def global_(self, module: str, name: str) -> None:
+        key = ("global", module, name)
+        if self.get(key):
+            return
+        self.w(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
+        self.put(key)
+
+    def tuple(self, items) -> None:
+        items = list(items)
+        if 1 <= len(items) <= 3:
+            for it in items:
+                self.value(it)
+            self.w(b"\x84\x85\x86\x87"[len(items):len(items) + 1])
+        elif not items:
+            self.w(b")")
+        else:
+            self.w(b"(")
+            for it in items:
+                self.value(it)
+            self.w(b"t")
+        self.put()
+
+    def value(self, v) -> None:
+        if v is None:
+            self.w(b"N")
+        elif isinstance(v, bool):
+            self.w(b"\x88" if v else b"\x89")
+        elif isinstance(v, int):
+            self.int(v)
+        elif isinstance(v, bytes):
+            self.string(v)
+        elif isinstance(v, tuple):
+            self.tuple(v)
+        elif isinstance(v, np.ndarray):
+            self.array(v)
+        else:
+            raise TypeError(type(v))
+
+    def dtype(self, dt: np.dtype) -> None:
+        self.global_("numpy", "dtype")
+        self.tuple((dt.str[1:].encode(), 0, 1))
+        self.w(b"R")
+        self.put()
+        self.tuple((3, b"<", None, None, None, -1, -1, 0))
+        self.w(b"b")
+
+    def array(self, a: np.ndarray) -> None:
+        fortran = a.ndim > 1 and a.flags.f_contiguous and not a.flags.c_contiguous
+        self.global_("numpy.core.multiarray", "_reconstruct")
+        self.global_("numpy", "ndarray")
+        self.tuple((0,))
+        self.string(b"b")
+        self.w(b"\x87")  # TUPLE3: (ndarray, (0,), 'b')
+        self.put()
+        self.w(b"R")
+        self.put()
+        self.w(b"(")
+        self.int(1)
+        self.tuple(a.shape)
+        self.dtype(a.dtype.newbyteorder("<"))
+        self.value(bool(fortran))
+        raw = (a.T if fortran else a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+        self.string(raw, memo=False)
+        self.w(b"t")
+        self.put()
+        self.w(b"b")
+
+    def dict(self, d: dict) -> None:
+        self.w(b"}")
+        self.put()
+        items = list(d.items())
+        for start in range(0, len(items), 1000):  # cPickle's BATCHSIZE
+            chunk = items[start:start + 1000]
+            if len(chunk) > 1:
+                self.w(b"(")
+            for k, v in chunk:
+                self.string(k.encode("latin-1"))
+                if isinstance(v, dict):
+                    self.dict(v)
+                else:
+                    self.value(v)
+            self.w(b"u" if len(chunk) > 1 else b"s")
+
+
+def dumps_py2(obj: dict) -> bytes:
+    """``obj`` (a dict of str -> ndarray, or {"blobs": {...}}) as py2 cPickle protocol 2."""
+    buf = io.BytesIO()
+    writer = _Py2Writer(buf)
+    buf.write(b"\x80\x02")
+    writer.dict(obj)
+    buf.write(b".")
+    return buf.getvalue()
+
+
+def write_vmz_pickle(path: str | Path, arrays: dict[str, np.ndarray], wrap: bool = True) -> Path:
+    """Write ``arrays`` as a VMZ checkpoint (``{"blobs": arrays}`` unless ``wrap=False``)."""
+    path = Path(path)
+    path.write_bytes(dumps_py2({"blobs": arrays} if wrap else arrays))
+    return path
+
+
+def seeded_blobs(family: str, depth: int, classes: int = 400, seed: int = 0, conv1_kt: int = 3) -> dict[str, np.ndarray]:
+    """Random but well-scaled VMZ blobs: He-scaled convs, BN near identity, positive variances."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in reference.blob_specs(family, depth, classes, conv1_kt):
+        if name.endswith("_w"):
+            fan_in = int(np.prod(shape[1:]))
+            a = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+        elif name.endswith("_s"):
+            a = rng.uniform(0.5, 1.0, shape)
+        elif name.endswith("_riv"):
+            a = rng.uniform(0.5, 2.0, shape)
+        elif name.endswith("_rm"):
+            a = rng.normal(0.0, 0.1, shape)
+        else:  # BN and FC bias
+            a = rng.normal(0.0, 0.1, shape)
+        out[name] = a.astype(np.float32)
+    return out
