@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,27 +49,103 @@ class Blobs:
         return list(self.arrays)
 
 
+class _HashingReader:
+    """Reads a file sequentially and hashes every byte that passes, on a second thread.
+
+    hashlib releases the GIL for large updates, so hashing the (100+ MB) input
+    overlaps with interpreting it. Small reads are batched; the buffers handed
+    over are never modified afterwards.
+    """
+
+    _BATCH = 1 << 20
+
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vmzconv-sha256")
+        self.small = bytearray()
+        self.jobs = []
+
+    def _hash(self, data) -> None:
+        self.jobs.append(self.pool.submit(self.sha.update, data))
+
+    def _flush(self) -> None:
+        if self.small:
+            self._hash(bytes(self.small))
+            self.small.clear()
+
+    def _update(self, data) -> None:
+        if len(data) >= 1 << 16:
+            self._flush()
+            self._hash(data)
+        else:
+            self.small += data
+            if len(self.small) >= self._BATCH:
+                self._flush()
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        self._update(b)
+        return b
+
+    def readinto(self, buf) -> int:
+        n = self.f.readinto(buf)
+        self._update(buf if n == len(buf) else bytes(memoryview(buf)[:n]))
+        return n
+
+    def readline(self, limit: int) -> bytes:
+        b = self.f.readline(limit)
+        self._update(b)
+        return b
+
+    def finish(self) -> str:
+        """Hash the rest of the file (bytes after STOP count too) and return the digest."""
+        while chunk := self.f.read(self._BATCH):
+            self._update(chunk)
+        return self.close()
+
+    def close(self) -> str:
+        self._flush()
+        for job in self.jobs:
+            job.result()
+        self.pool.shutdown()
+        return self.sha.hexdigest()
+
+
 def read_blobs(path: str | Path) -> Blobs:
-    """Read ``path`` (a Python-2 or Python-3 pickle of Caffe2 blobs)."""
+    """Read ``path`` (a Python-2 or Python-3 pickle of Caffe2 blobs), streaming: the file is read once."""
     path = Path(path)
     source = str(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            _sniff_wrong_file(f.read(4096), source, f)
+            f.seek(0)
+            reader = _HashingReader(f)
+            try:
+                top = picklevm.load_stream(reader, size, source)
+                sha = reader.finish()
+            finally:
+                reader.close()
     except FileNotFoundError:
         raise InputError(f"{source}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{source}: is a folder, not a file") from None
     except OSError as e:
         raise InputError(f"{source}: cannot read: {e.strerror or e}") from None
-    blobs = blobs_from_bytes(data, source)
-    blobs.sha256 = hashlib.sha256(data).hexdigest()
-    blobs.size = len(data)
+    blobs = _to_blobs(top, source)
+    blobs.sha256, blobs.size = sha, size
     return blobs
 
 
 def blobs_from_bytes(data: bytes, source: str = "<bytes>") -> Blobs:
-    _sniff_wrong_file(data, source)
-    top = picklevm.load(data, source)
+    _sniff_wrong_file(data[:4096], source, io.BytesIO(data))
+    blobs = _to_blobs(picklevm.load(data, source), source)
+    blobs.sha256, blobs.size = hashlib.sha256(data).hexdigest(), len(data)
+    return blobs
+
+
+def _to_blobs(top, source: str) -> Blobs:
     raw = _blob_dict(top, source)
     notes: list[str] = []
     arrays: dict[str, np.ndarray] = {}
@@ -165,7 +243,7 @@ def _dtype(stub, where: str) -> np.dtype:
 
 def _buffer(data, where: str):
     if isinstance(data, picklevm.Raw):
-        return data.view
+        return data.buf
     if isinstance(data, bytes):
         return data
     if isinstance(data, str):
@@ -178,8 +256,8 @@ def _buffer(data, where: str):
     raise UnsafePickleError(f"{where}: array data is a {type(data).__name__}")
 
 
-def _sniff_wrong_file(data: bytes, source: str) -> None:
-    """Name the common wrong downloads before trying to interpret them."""
+def _sniff_wrong_file(data: bytes, source: str, f) -> None:
+    """Name the common wrong downloads (``data`` is the file's head) before interpreting them."""
     if not data:
         raise InputError(f"{source}: the file is empty")
     head = data[:512].lstrip().lower()
@@ -187,7 +265,8 @@ def _sniff_wrong_file(data: bytes, source: str) -> None:
         raise InputError(f"{source}: this looks like an HTML page, not a pickle — was the download a web page?")
     if data[:4] == b"PK\x03\x04":
         try:
-            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+            f.seek(0)
+            names = zipfile.ZipFile(f).namelist()
         except zipfile.BadZipFile:
             names = []
         if any(n.endswith("data.pkl") for n in names):

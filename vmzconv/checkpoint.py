@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -37,17 +36,31 @@ def check_output_path(out: str | Path, force: bool = False) -> Path:
     return out
 
 
-def encode(state_dict: "OrderedDict[str, torch.Tensor]", meta: dict, suffix: str) -> bytes:
-    """The exact bytes of the output file (deterministic for the same inputs)."""
-    if suffix == ".pth":
-        buf = io.BytesIO()
-        torch.save({"state_dict": state_dict, "meta": meta}, buf)
-        return buf.getvalue()
-    if suffix == ".safetensors":
-        from safetensors.torch import save
+class _HashingWriter:
+    def __init__(self, f):
+        self.f = f
+        self.sha = hashlib.sha256()
 
-        return save(dict(state_dict), metadata=safetensors_metadata(meta))
-    raise OutputError(f"unknown output suffix {suffix!r}")
+    def write(self, b) -> int:
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_pth(f, state_dict, meta: dict) -> str:
+    w = _HashingWriter(f)
+    torch.save({"state_dict": state_dict, "meta": meta}, w)
+    return w.sha.hexdigest()
+
+
+def _write_safetensors(f, state_dict, meta: dict) -> str:
+    from safetensors.torch import save
+
+    data = save(dict(state_dict), metadata=safetensors_metadata(meta))
+    f.write(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def safetensors_metadata(meta: dict) -> dict[str, str]:
@@ -58,11 +71,12 @@ def safetensors_metadata(meta: dict) -> dict[str, str]:
     return out
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, write) -> str:
+    """``write(f)`` into a temp file beside ``path``, fsync, rename; returns what ``write`` returns."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            result = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -70,14 +84,14 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    return result
 
 
 def save(path: str | Path, state_dict, meta: dict, force: bool = False) -> str:
-    """Write the checkpoint; returns the sha256 of the written bytes."""
+    """Write the checkpoint atomically (deterministic bytes for the same inputs); returns their sha256."""
     path = check_output_path(path, force)
-    data = encode(state_dict, meta, path.suffix)
-    write_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
+    writer = _write_pth if path.suffix == ".pth" else _write_safetensors
+    return write_atomic(path, lambda f: writer(f, state_dict, meta))
 
 
 def load(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]", dict]:

@@ -11,7 +11,7 @@ import numpy as np
 from . import __version__, arch as arch_mod, checkpoint, mapping, parity
 from .blobs import Blobs, read_blobs
 from .errors import MappingError
-from .models import BN_EPS, build_model, get_target
+from .models import BN_EPS, build_model, fill, get_target
 
 VMZ_MEAN = [110.201, 100.64, 95.9966]
 VMZ_STD = [58.1489, 56.4701, 55.3324]
@@ -71,9 +71,9 @@ def map_blobs(blobs: Blobs, a: arch_mod.Arch, target: str = "mmaction2", mapping
     table = mapping.load_table(table_path)
     if table.target != target:
         raise MappingError(f"mapping table {table.name} is for target {table.target}, not {target}")
-    model = build_model(target, a, with_pool1=with_pool1, bn_eps=bn_eps)
+    model = build_model(target, a, with_pool1=with_pool1, bn_eps=bn_eps, empty=True)
     mapped = mapping.apply(table, a, blobs, model.state_dict())
-    model.load_state_dict(mapped.state_dict, strict=True)
+    fill(model, mapped.state_dict)
     return model, table, mapped
 
 
@@ -115,9 +115,9 @@ def parity_of(src: str | Path, converted: str | Path, clip=parity.DEFAULT_CLIP,
     a = arch_mod.detect(blobs)
     state, meta = checkpoint.load(converted)
     target = meta.get("target") or _guess_target(state)
-    model = build_model(target, a)
+    model = build_model(target, a, empty=True)
     try:
-        model.load_state_dict(state, strict=True)
+        fill(model, state)
     except RuntimeError as e:
         raise MappingError(f"{converted}: does not load strictly into {a.name} ({target}): {str(e).splitlines()[0][:300]}") from None
     head = None
@@ -163,7 +163,7 @@ def inspect(src: str | Path) -> dict:
         else:
             ignored[name] = verdict[1]
     missing = sorted(wanted - set(blobs.names()))
-    model = build_model("mmaction2", a)
+    model = build_model("mmaction2", a, empty=True)
     params = int(sum(p.numel() for p in model.parameters()))
     report.update(
         arch=a.name, family=a.family, depth=a.depth, num_classes=a.num_classes, conv1_temporal_kernel=a.conv1_kt,

@@ -117,9 +117,9 @@ def expand(table: Table, arch: Arch) -> Plan:
                 src = _fmt(table, src_t, ctx)
                 if isinstance(dst, str):
                     plan.pairs.append((src, _fmt(table, dst, ctx)))
-                elif isinstance(dst, dict) and set(dst) == {"bn"}:
+                elif isinstance(dst, dict) and "bn" in dst and set(dst) <= {"bn", "suffixes"}:
                     prefix = _fmt(table, dst["bn"], ctx)
-                    for sfx, attr in table.bn_suffixes.items():
+                    for sfx, attr in dst.get("suffixes", table.bn_suffixes).items():
                         plan.pairs.append((src + sfx, f"{prefix}.{attr}"))
                     for attr, value in table.bn_constants.items():
                         plan.constants[f"{prefix}.{attr}"] = value
@@ -135,6 +135,13 @@ def _fmt(table: Table, template: str, ctx: dict) -> str:
         return template.format(**ctx)
     except (KeyError, IndexError, ValueError) as e:
         raise MappingError(f"mapping table {table.name}: template {template!r} uses an unknown variable ({e})") from None
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """Share the reader's buffer when it is writable and aligned (the common case); copy otherwise."""
+    if arr.flags.writeable and arr.flags.aligned and arr.flags.c_contiguous:
+        return torch.from_numpy(arr)
+    return torch.from_numpy(np.array(arr, dtype=np.float32, order="C", copy=True))
 
 
 @dataclass
@@ -190,7 +197,7 @@ def apply(table: Table, arch: Arch, blobs: Blobs, expected: "OrderedDict[str, to
             raise MappingError(f"{src}: blob {blob!r} has shape {list(arr.shape)}, {key} needs {list(want)}")
         if arr.dtype != np.float32:
             raise MappingError(f"{src}: blob {blob!r} is {arr.dtype}, {key} needs float32")
-        filled[key] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        filled[key] = _tensor(arr)
     for key, value in plan.constants.items():
         if key not in expected:
             raise MappingError(f"mapping table {table.name}: constant {key!r} is not an entry of the {arch.name} model")

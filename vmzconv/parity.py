@@ -81,11 +81,12 @@ def compare(ours: np.ndarray, ref: np.ndarray, tolerance: float = DEFAULT_TOLERA
     top1 = bool((top5_ours[:, 0] == top5_ref[:, 0]).all())
     top5 = bool((top5_ours == top5_ref).all())
     if not finite:
-        reason = "NaN or Inf in the logits"
+        bad = int((~np.isfinite(ours)).sum() + (~np.isfinite(ref)).sum())
+        reason = f"NaN or Inf in the logits ({bad} values; max |logit diff| undefined)"
     elif max_abs > tolerance:
         reason = f"max |logit diff| {max_abs:.4g} at class {worst} exceeds {tolerance:g}"
     elif not top5:
-        reason = "top-5 classes differ"
+        reason = f"top-5 classes differ (max |logit diff| {max_abs:.4g} is within {tolerance:g})"
     else:
         reason = ""
     return Verdict(not reason, max_abs, max_rel, worst, top1, top5, tolerance, list(clip), reason, 0.0, 0.0)
@@ -114,6 +115,5 @@ def run(blobs, arch, target: str, model, head: dict | None = None, clip_size=DEF
 
 def require(verdict: Verdict, what: str) -> None:
     if not verdict.passed:
-        raise CheckError(f"{what}: parity FAILED — {verdict.reason} (max |logit diff| {verdict.max_abs_diff:.4g}, "
-                         f"top-1 {'same' if verdict.top1_agree else 'different'}, "
+        raise CheckError(f"{what}: parity FAILED — {verdict.reason} (top-1 {'same' if verdict.top1_agree else 'different'}, "
                          f"top-5 {'identical' if verdict.top5_identical else 'different'}); nothing was written")

@@ -17,14 +17,15 @@ operation counts are capped.
 from __future__ import annotations
 
 import codecs
+import io
 import struct
 from dataclasses import dataclass
 
 from .errors import InputError, UnsafePickleError
 
-# Strings longer than this stay as zero-copy views of the input (array data);
-# shorter ones become ``str`` (dict keys, dtype codes), as py2 ``str`` decoded
-# with latin1 would.
+# Strings longer than this are read into buffers of their own (array data, which
+# numpy then wraps without copying); shorter ones become ``str`` (dict keys, dtype
+# codes), as py2 ``str`` decoded with latin1 would.
 _VIEW_THRESHOLD = 1024
 
 MAX_MEMO = 1_000_000
@@ -34,15 +35,15 @@ MAX_OPS = 50_000_000
 
 
 class Raw:
-    """A py2 ``str`` / py3 ``bytes`` payload kept as a view of the input."""
+    """A long py2 ``str`` / py3 ``bytes`` payload (array data), read straight into its own buffer."""
 
-    __slots__ = ("view",)
+    __slots__ = ("buf",)
 
-    def __init__(self, view: memoryview):
-        self.view = view
+    def __init__(self, buf: bytearray):
+        self.buf = buf
 
     def __len__(self) -> int:
-        return len(self.view)
+        return len(self.buf)
 
 
 @dataclass
@@ -103,15 +104,25 @@ class _Mark:
 _MARK = _Mark()
 
 
-def load(data: bytes | memoryview, source: str = "<pickle>"):
+def load(data: bytes, source: str = "<pickle>"):
     """Interpret one pickle from ``data`` and return the top-level object."""
-    return _Machine(memoryview(data).cast("B"), source).run()
+    return load_stream(io.BytesIO(data), len(data), source)
+
+
+def load_stream(f, size: int, source: str = "<pickle>"):
+    """Interpret one pickle read sequentially from ``f`` (``size`` bytes available).
+
+    Long strings (array data) are read straight into buffers of their own, so the
+    whole file never sits in memory twice; every length is checked against the
+    bytes left before anything is allocated.
+    """
+    return _Machine(f, size, source).run()
 
 
 class _Machine:
-    def __init__(self, data: memoryview, source: str):
-        self.d = data
-        self.n = len(data)
+    def __init__(self, f, size: int, source: str):
+        self.f = f
+        self.n = size
         self.pos = 0
         self.source = source
         self.stack: list = []
@@ -126,22 +137,38 @@ class _Machine:
         return UnsafePickleError(f"{self.source}: refused: {msg} (at byte {self.pos}); nothing was executed")
 
     # -- input ----------------------------------------------------------
-    def _take(self, k: int) -> memoryview:
+    def _check_len(self, k: int) -> None:
         if k < 0:
             raise self._bad("negative length")
         if self.pos + k > self.n:
             raise self._bad(f"truncated: {k} bytes declared, {self.n - self.pos} left")
-        v = self.d[self.pos:self.pos + k]
+
+    def _take(self, k: int) -> bytes:
+        self._check_len(k)
+        v = self.f.read(k)
+        if len(v) != k:
+            raise self._bad(f"truncated: {k} bytes declared, {len(v)} read")
         self.pos += k
         return v
 
+    def _payload(self, k: int):
+        """A string payload of ``k`` bytes: short ones as bytes, long ones in a buffer of their own."""
+        if k <= _VIEW_THRESHOLD:
+            return self._take(k)
+        self._check_len(k)
+        buf = bytearray(k)
+        got = self.f.readinto(buf)
+        if got != k:
+            raise self._bad(f"truncated: {k} bytes declared, {got} read")
+        self.pos += k
+        return Raw(buf)
+
     def _line(self) -> bytes:
-        end = bytes(self.d[self.pos:self.pos + (1 << 16)]).find(b"\n")
-        if end < 0:
-            raise self._bad("truncated: missing end of line")
-        line = bytes(self.d[self.pos:self.pos + end])
-        self.pos += end + 1
-        return line
+        line = self.f.readline(1 << 16)
+        self.pos += len(line)
+        if not line.endswith(b"\n"):
+            raise self._bad("truncated or overlong line")
+        return line[:-1]
 
     def _u(self, fmt: str, k: int):
         return struct.unpack(fmt, self._take(k))[0]
@@ -188,20 +215,14 @@ class _Machine:
         self._push(self.memo[idx])
 
     # -- values ---------------------------------------------------------
-    def _str(self, view: memoryview):
-        """A py2 str: latin1 text when short, a zero-copy view when long."""
-        if len(view) > _VIEW_THRESHOLD:
-            return Raw(view)
-        return bytes(view).decode("latin-1")
-
-    def _bytes(self, view: memoryview):
-        if len(view) > _VIEW_THRESHOLD:
-            return Raw(view)
-        return bytes(view)
+    @staticmethod
+    def _str(payload):
+        """A py2 str: latin1 text when short (keys, codes), raw bytes when long (array data)."""
+        return payload if isinstance(payload, Raw) else payload.decode("latin-1")
 
     def _hashable(self, key):
         if isinstance(key, Raw):
-            return bytes(key.view).decode("latin-1")
+            return bytes(key.buf).decode("latin-1")
         try:
             hash(key)
         except TypeError:
@@ -235,7 +256,8 @@ class _Machine:
             if isinstance(args[0], Raw):
                 return args[0]
             try:
-                return self._bytes(memoryview(args[0].encode("latin-1")))
+                data = args[0].encode("latin-1")
+                return Raw(bytearray(data)) if len(data) > _VIEW_THRESHOLD else data
             except UnicodeEncodeError:
                 raise self._bad("_codecs.encode: text is not latin1") from None
         if tag == "frombuffer":
@@ -287,8 +309,7 @@ class _Machine:
                 raise self._bad("too many operations")
             if self.pos >= self.n:
                 raise self._bad("truncated: no STOP opcode")
-            op = bytes(self.d[self.pos:self.pos + 1])
-            self.pos += 1
+            op = self._take(1)
             if op == b".":  # STOP
                 return self._pop()
             handler = _DISPATCH.get(op)
@@ -367,20 +388,19 @@ def _op_string(m: _Machine):
         raw = codecs.escape_decode(line[1:-1])[0]
     except Exception:
         raise m._bad("bad STRING escape") from None
-    m._push(m._str(memoryview(raw)))
+    m._push(Raw(bytearray(raw)) if len(raw) > _VIEW_THRESHOLD else raw.decode("latin-1"))
 
 
 def _op_sized(k: int, fmt: str, kind: str):
     def op(m: _Machine):
         n = m._u(fmt, k)
-        view = m._take(n)
         if kind == "str":
-            m._push(m._str(view))
+            m._push(m._str(m._payload(n)))
         elif kind == "bytes":
-            m._push(m._bytes(view))
+            m._push(m._payload(n))
         else:
             try:
-                m._push(str(view, "utf-8", "surrogatepass"))
+                m._push(str(m._take(n), "utf-8", "surrogatepass"))
             except UnicodeDecodeError:
                 raise m._bad("bad UTF-8 in unicode string") from None
     return op
@@ -395,7 +415,7 @@ def _op_unicode(m: _Machine):
 
 def _op_binstring(m: _Machine):
     n = m._u("<i", 4)
-    m._push(m._str(m._take(n)))
+    m._push(m._str(m._payload(n)))
 
 
 def _op_tuple(m: _Machine):
@@ -542,7 +562,7 @@ def _op_binfloat(m: _Machine):
 
 def _op_bytearray8(m: _Machine):
     n = m._u("<Q", 8)
-    m._push(m._bytes(m._take(n)))
+    m._push(m._payload(n))
 
 
 _DISPATCH = {

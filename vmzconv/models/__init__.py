@@ -13,6 +13,8 @@ from ..arch import Arch
 from ..errors import ArchError
 from .csn import BN_EPS, build_backbone, build_recognizer
 
+__all__ = ["BN_EPS", "TARGETS", "Target", "build_model", "fill", "get_target", "logits"]
+
 
 @dataclass(frozen=True)
 class Target:
@@ -37,16 +39,29 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
-def build_model(target: str, arch: Arch, with_pool1: bool = True, bn_eps: float = BN_EPS) -> nn.Module:
+def build_model(target: str, arch: Arch, with_pool1: bool = True, bn_eps: float = BN_EPS,
+                empty: bool = False) -> nn.Module:
+    """The reference model for ``target``; ``empty`` builds it on the meta device (shapes only, no memory),
+    to be filled with :func:`fill`."""
     t = get_target(target)
     if arch.family not in t.families:
         raise ArchError(f"target {target} cannot hold {arch.name}")
+    if empty:
+        with torch.device("meta"):
+            return t.build(arch, with_pool1=with_pool1, bn_eps=bn_eps)
     return t.build(arch, with_pool1=with_pool1, bn_eps=bn_eps)
+
+
+def fill(model: nn.Module, state_dict) -> nn.Module:
+    """Load ``state_dict`` with ``strict=True``, adopting its tensors instead of copying them."""
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model
 
 
 @torch.no_grad()
 def logits(target: str, model: nn.Module, clip: np.ndarray, head: dict | None = None) -> np.ndarray:
-    """float32 logits of ``model`` on ``clip``; a headless model uses ``head`` (weight, bias) after global pooling."""
+    """float32 logits of ``model`` on ``clip``; a headless model uses ``head`` (the dropped classifier:
+    roles ``head.weight`` and ``head.bias``) after global average pooling."""
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))
     out = model(x)
@@ -54,6 +69,6 @@ def logits(target: str, model: nn.Module, clip: np.ndarray, head: dict | None = 
         if not head:
             raise ArchError("a backbone-only model needs the classifier blobs for parity")
         feats = out.mean(dim=(2, 3, 4))
-        out = torch.nn.functional.linear(feats, torch.from_numpy(np.asarray(head["weight"])),
-                                         torch.from_numpy(np.asarray(head["bias"])))
+        out = torch.nn.functional.linear(feats, torch.tensor(np.asarray(head["head.weight"])),
+                                         torch.tensor(np.asarray(head["head.bias"])))
     return out.numpy()

@@ -1,0 +1,27 @@
+"""Helpers shared by the benchmarks: run a snippet in a fresh process, report wall time and peak RSS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+
+def run_measured(code: str, *args: str) -> dict:
+    """Run ``code`` in a new interpreter; it must print one JSON line. Adds the child's peak RSS."""
+    wrapper = textwrap.dedent("""
+        import json, resource, sys, time
+        _t0 = time.perf_counter()
+        {code}
+        _res = dict(result)
+        _res["process_seconds"] = round(time.perf_counter() - _t0, 3)
+        _res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        print(json.dumps(_res))
+    """).format(code=textwrap.indent(textwrap.dedent(code), "").strip().replace("\n", "\n"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark child failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,104 @@
+"""Conversion of an ir-CSN-152 pickle (~120 MB): vmzconv against a naive baseline.
+
+Each contender runs in its own fresh process; we report the wall time of the
+conversion itself (imports excluded, timed inside the process) and the process's
+peak RSS. A third process that only imports torch and builds the model shows
+the fixed cost every contender pays (ERRATA 4).
+
+    python benchmarks/convert.py [--arch ircsn_r152] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle  # noqa: F401  (the baseline uses it, in its own process)
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import run_measured  # noqa: E402
+
+FLOOR = """
+import torch
+from vmzconv.arch import Arch, parse_arch_name
+from vmzconv.models import build_model
+fam, depth = parse_arch_name(sys.argv[1])
+t = time.perf_counter()
+model = build_model("mmaction2", Arch(fam, depth, 400))
+result = {"seconds": round(time.perf_counter() - t, 3)}
+"""
+
+VMZCONV = """
+from vmzconv.convert import convert
+t = time.perf_counter()
+convert(sys.argv[2], sys.argv[3], check_parity=False, force=True)
+result = {"seconds": round(time.perf_counter() - t, 3)}
+"""
+
+VMZCONV_PARITY = """
+from vmzconv.convert import convert
+t = time.perf_counter()
+r = convert(sys.argv[2], sys.argv[3], force=True)
+result = {"seconds": round(time.perf_counter() - t, 3), "reference_s": r.verdict.reference_seconds,
+          "model_s": r.verdict.model_seconds}
+"""
+
+# The naive way (what VMZ's own converter does): build the module, pickle.load the
+# whole file, copy each blob into the module's tensors, torch.save the state_dict.
+# (The name list is prepared before the clock starts; no hashing, no checks, no fsync.)
+BASELINE = """
+import pickle, torch
+from vmzconv.arch import Arch, parse_arch_name
+from vmzconv.mapping import builtin_table_path, expand, load_table
+from vmzconv.models import build_model
+fam, depth = parse_arch_name(sys.argv[1])
+arch = Arch(fam, depth, 400)
+pairs = expand(load_table(builtin_table_path(fam, "mmaction2")), arch).pairs
+t = time.perf_counter()
+model = build_model("mmaction2", arch)
+with open(sys.argv[2], "rb") as f:
+    blobs = pickle.load(f, encoding="latin1")["blobs"]
+sd = model.state_dict()
+with torch.no_grad():
+    for blob, key in pairs:
+        sd[key].copy_(torch.from_numpy(blobs[blob]))
+torch.save({"state_dict": model.state_dict()}, sys.argv[3])
+result = {"seconds": round(time.perf_counter() - t, 3)}
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="ircsn_r152")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+
+    from vmzconv.arch import parse_arch_name
+    from vmzconv.synth import seeded_blobs, write_vmz_pickle
+
+    fam, depth = parse_arch_name(args.arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_vmz_pickle(Path(tmp) / f"{args.arch}.pkl", seeded_blobs(fam, depth))
+        size_mib = src.stat().st_size / 2**20
+        print(f"{args.arch}: pickle {size_mib:.1f} MiB, {args.repeat} runs each, fresh process per run")
+        print(f"{'contender':<34}{'convert s (median)':>20}{'peak RSS MiB (max)':>20}{'RSS / pickle':>14}")
+        rows = [("import torch + build model only", FLOOR, ".pth"),
+                ("baseline: pickle.load+copy+save", BASELINE, ".pth"),
+                ("vmzconv convert --no-parity", VMZCONV, ".pth"),
+                ("vmzconv convert --no-parity (st)", VMZCONV, ".safetensors"),
+                ("vmzconv convert (with parity)", VMZCONV_PARITY, ".pth")]
+        for label, code, suffix in rows:
+            runs = [run_measured(code, args.arch, str(src), str(Path(tmp) / f"out{suffix}")) for _ in range(args.repeat)]
+            secs = statistics.median(r["seconds"] for r in runs)
+            rss = max(r["peak_rss_mib"] for r in runs)
+            extra = ""
+            if "reference_s" in runs[0]:
+                extra = (f"   (reference {statistics.median(r['reference_s'] for r in runs):.2f} s, "
+                         f"model {statistics.median(r['model_s'] for r in runs):.2f} s)")
+            print(f"{label:<34}{secs:>20.2f}{rss:>20.0f}{rss / size_mib:>14.2f}{extra}")
+
+
+if __name__ == "__main__":
+    main()

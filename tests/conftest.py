@@ -1,0 +1,88 @@
+"""Shared test data: VMZ-format pickles written with Python-2 cPickle opcodes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from vmzconv import reference, synth
+
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden"
+FIXTURES = HERE / "fixtures"
+
+
+def golden_blobs(family: str, depth: int = 50, classes: int = 400) -> dict[str, np.ndarray]:
+    """shared/golden's recipe GOLDEN-1: closed-form weights over the sorted blob names."""
+    specs = dict(reference.blob_specs(family, depth, classes))
+    out = {}
+    for k, name in enumerate(sorted(specs)):
+        shape = specs[name]
+        i = np.arange(int(np.prod(shape)), dtype=np.float64)
+        if name.endswith("_w"):
+            v = np.sqrt(2.0 / np.prod(shape[1:])) * np.sin(0.7 * i + 0.3 * k + 0.1) * np.sqrt(2.0)
+        elif name.endswith("_s"):
+            v = 0.6 + 0.4 * np.sin(1.1 * i + k)
+        elif name.endswith("_riv"):
+            v = 1.25 + 0.75 * np.sin(0.5 * i + 3 * k)
+        elif name.endswith("_rm"):
+            v = 0.1 * np.cos(0.9 * i + k)
+        elif name.startswith("last_out_L") and name.endswith("_b"):
+            v = 0.1 * np.sin(0.2 * i + k)
+        else:
+            v = 0.1 * np.sin(1.3 * i + 2 * k)
+        out[name] = v.reshape(shape).astype(np.float32)
+    return out
+
+
+class PickleFactory:
+    """Writes (and caches for the session) VMZ-format pickles of each architecture."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cache: dict[tuple, Path] = {}
+
+    def arrays(self, family: str, depth: int, classes: int = 400, seed: int = 0) -> dict[str, np.ndarray]:
+        return synth.seeded_blobs(family, depth, classes, seed)
+
+    def __call__(self, family: str, depth: int, classes: int = 400, seed: int = 0) -> Path:
+        key = (family, depth, classes, seed)
+        if key not in self.cache:
+            path = self.root / f"{family}csn_r{depth}_L{classes}_s{seed}.pkl"
+            synth.write_vmz_pickle(path, self.arrays(family, depth, classes, seed))
+            self.cache[key] = path
+        return self.cache[key]
+
+    def custom(self, name: str, arrays: dict, wrap: bool = True) -> Path:
+        return synth.write_vmz_pickle(self.root / name, arrays, wrap=wrap)
+
+
+@pytest.fixture(scope="session")
+def vmz_pickle(tmp_path_factory) -> PickleFactory:
+    return PickleFactory(tmp_path_factory.mktemp("pkl"))
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process; returns click's Result (stdout, stderr, exit_code)."""
+    from vmzconv.cli import main
+
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return run
+
+
+def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("vmzconv: error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
