@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -71,27 +72,68 @@ def safetensors_metadata(meta: dict) -> dict[str, str]:
     return out
 
 
-def write_atomic(path: Path, write) -> str:
-    """``write(f)`` into a temp file beside ``path``, fsync, rename; returns what ``write`` returns."""
+def write_atomic(path: Path, write, rename=None):
+    """``write(f)`` into a temp file beside ``path``, fsync, then rename it to ``path`` (or to
+    ``rename(result)`` when given, e.g. a name that contains the file's hash). Returns
+    ``(final path, result)``; on any failure the temp file is removed."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             result = write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        final = rename(result) if rename else path
+        os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return result
+    return final, result
 
 
 def save(path: str | Path, state_dict, meta: dict, force: bool = False) -> str:
     """Write the checkpoint atomically (deterministic bytes for the same inputs); returns their sha256."""
     path = check_output_path(path, force)
     writer = _write_pth if path.suffix == ".pth" else _write_safetensors
-    return write_atomic(path, lambda f: writer(f, state_dict, meta))
+    return write_atomic(path, lambda f: writer(f, state_dict, meta))[1]
+
+
+def publish_name(name: str, date: str, sha256: str) -> str:
+    """MMAction2 publish_model / torch.hub convention: ``NAME_YYYYMMDD-<sha256[:8]>.pth``."""
+    return f"{name}_{date}-{sha256[:8]}.pth"
+
+
+def save_published(folder: str | Path, name: str, date: str, state_dict, meta: dict,
+                   force: bool = False) -> tuple[Path, str]:
+    """Write ``folder/NAME_DATE-<sha8>.pth``; the name is known only once the bytes are."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: --publish needs an existing output folder")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+        raise OutputError(f"--publish {name!r}: use letters, digits, '_', '-' and '.' only")
+    if not re.fullmatch(r"\d{8}", date):
+        raise OutputError(f"--date {date!r}: expected YYYYMMDD")
+
+    def final_path(sha: str) -> Path:
+        target = folder / publish_name(name, date, sha)
+        if target.exists() and not force:
+            raise OutputError(f"{target}: already exists (use --force to overwrite)")
+        return target
+
+    return write_atomic(folder / f"{name}.pth", lambda f: _write_pth(f, state_dict, meta), rename=final_path)
+
+
+def card_path(out: Path) -> Path:
+    return out.with_name(out.name + ".json")
+
+
+def write_card(out: Path, card: dict, force: bool = True) -> Path:
+    path = card_path(out)
+    if path.exists() and not force:
+        raise OutputError(f"{path}: already exists (use --force to overwrite)")
+    text = json.dumps(card, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, lambda f: f.write(text.encode()))
+    return path
 
 
 def load(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]", dict]:

@@ -14,7 +14,7 @@ from .arch import ARCH_NAMES
 from .errors import VmzconvError
 from .parity import DEFAULT_CLIP, DEFAULT_TOLERANCE, parse_clip
 
-TARGET_NAMES = ("mmaction2", "mmaction2-backbone")
+TARGET_NAMES = ("mmaction2", "mmaction2-backbone", "torchvision", "pytorchvideo")
 
 
 def _fail_cleanly(fn):
@@ -60,7 +60,8 @@ def _print_result(res, as_json: bool) -> None:
             "output": res.output, "sha256": res.sha256, "arch": res.arch, "num_classes": res.num_classes,
             "target": res.target, "tensors": res.tensors, "blobs_converted": res.blobs_converted,
             "ignored": res.ignored, "dropped": res.dropped, "notes": res.notes,
-            "parity": res.verdict.to_meta() if res.verdict else None, "seconds": res.seconds,
+            "parity": res.verdict.to_meta(timings=True) if res.verdict else None, "seconds": res.seconds,
+            "card": res.card,
         }, indent=2))
         return
     rows = [
@@ -72,8 +73,14 @@ def _print_result(res, as_json: bool) -> None:
     ]
     if res.dropped:
         rows.append(("dropped", ", ".join(res.dropped)))
-    rows += [(f"note", n) for n in res.notes]
+    rows += [("note", n) for n in res.notes]
     rows.append(("parity", res.verdict.summary() if res.verdict else "skipped (--no-parity)"))
+    if res.meta.get("zoo"):
+        z = res.meta["zoo"]
+        acc = ", ".join(f"{k} {v}" for k, v in z["published_accuracy"].items()) or "none published (pretraining only)"
+        rows.append(("zoo", f"{z['file']} -> {z['mmaction2_name']} ({z['kind']}; {acc})"))
+    if res.card:
+        rows.append(("card", res.card))
     rows += [("sha256", res.sha256), ("seconds", f"{res.seconds:.1f}")]
     for k, v in rows:
         click.echo(f"{k:<8} {v}")
@@ -100,11 +107,22 @@ _tolerance_option = click.option(
 
 @main.command()
 @click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
 @click.option("--arch", type=click.Choice(("auto",) + ARCH_NAMES), default="auto", show_default=True,
               help="Expected architecture; a named one that disagrees with the blobs is an error.")
 @click.option("--target", type=click.Choice(TARGET_NAMES), default="mmaction2", show_default=True,
-              help="Output layout.")
+              help="Output layout: mmaction2 (Recognizer3D, load_from=), mmaction2-backbone (pretrained=), "
+                   "torchvision (VMZ PyTorch hub), pytorchvideo (create_csn; ir-CSN only).")
+@click.option("--keep-head", is_flag=True,
+              help="Keep the classifier of a 359/487-class (IG-65M/Sports-1M pretraining) pickle; by default "
+                   "those become an mmaction2-backbone file.")
+@click.option("--publish", metavar="NAME",
+              help="Write OUT/NAME_YYYYMMDD-<sha256[:8]>.pth (MMAction2 publish_model naming); OUT is then a folder.")
+@click.option("--date", metavar="YYYYMMDD", help="Date in the --publish name (default: today).")
+@click.option("--card/--no-card", default=True, show_default=True,
+              help="Write a model card OUT.json (the checkpoint's meta: source, arch, parity, preprocessing, "
+                   "published accuracy of known zoo files).")
+@click.option("--print-config", is_flag=True, help="Print the MMAction2 config fields that load the result.")
 @click.option("--mapping", "mapping_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Use this mapping table (TOML) instead of the built-in one.")
 @click.option("--parity/--no-parity", "check_parity", default=True, show_default=True,
@@ -115,7 +133,8 @@ _tolerance_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def convert(src, out, arch, target, mapping_path, check_parity, parity_clip, tolerance, force, as_json, quiet):
+def convert(src, out, arch, target, keep_head, publish, date, card, print_config, mapping_path, check_parity,
+            parity_clip, tolerance, force, as_json, quiet):
     """Convert SRC (a VMZ .pkl) to OUT (.pth or .safetensors, by suffix).
 
     Reads SRC without executing it, maps every blob through a declarative table,
@@ -128,10 +147,16 @@ def convert(src, out, arch, target, mapping_path, check_parity, parity_clip, tol
     stages = _Stages(quiet or as_json)
     try:
         res = run(src, out, arch=arch, target=target, mapping_path=mapping_path, check_parity=check_parity,
-                  parity_clip=parse_clip(parity_clip), tolerance=tolerance, force=force, progress=stages)
+                  parity_clip=parse_clip(parity_clip), tolerance=tolerance, force=force, keep_head=keep_head,
+                  card=card, publish=publish, date=date, progress=stages)
     finally:
         stages.close()
     _print_result(res, as_json)
+    if print_config and not as_json:
+        from .convert import mmaction2_config
+
+        click.echo()
+        click.echo(mmaction2_config(res))
 
 
 @main.command()
@@ -184,7 +209,7 @@ def parity(src, converted, parity_clip, tolerance, as_json):
 
     a, target, verdict = parity_of(src, converted, parse_clip(parity_clip), tolerance)
     if as_json:
-        click.echo(json.dumps({"arch": a.name, "target": target, **verdict.to_meta()}, indent=2))
+        click.echo(json.dumps({"arch": a.name, "target": target, **verdict.to_meta(timings=True)}, indent=2))
     else:
         click.echo(f"{converted} ({a.name}, {target}) vs {src}")
         click.echo(f"parity   {verdict.summary()}")

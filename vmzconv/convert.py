@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__, arch as arch_mod, checkpoint, mapping, parity
+from . import __version__, arch as arch_mod, checkpoint, mapping, parity, zoo
 from .blobs import Blobs, read_blobs
-from .errors import MappingError
-from .models import BN_EPS, build_model, fill, get_target
+from .errors import MappingError, OutputError
+from .models import BN_EPS, build_model, check_target, fill, get_target
 
 VMZ_MEAN = [110.201, 100.64, 95.9966]
 VMZ_STD = [58.1489, 56.4701, 55.3324]
+PRETRAIN_ONLY_CLASSES = {359: "IG-65M", 487: "Sports-1M"}
 
 
 @dataclass
@@ -31,17 +33,23 @@ class Result:
     notes: list
     verdict: parity.Verdict | None
     seconds: float
+    card: str | None = None
     meta: dict = field(default_factory=dict)
 
 
 def input_spec(mean=VMZ_MEAN, std=VMZ_STD) -> dict:
-    return {"channel_order": "RGB", "layout": "NCTHW", "value_range": "0-255", "mean": list(mean), "std": list(std)}
+    """What the converted model expects, and MMAction2's CSN test protocol that reaches the published numbers."""
+    return {
+        "channel_order": "RGB", "layout": "NCTHW", "value_range": "0-255", "mean": list(mean), "std": list(std),
+        "clip_len": 32, "frame_interval": 2, "num_clips": 10, "short_side": 256, "crop_size": 256, "num_crops": 3,
+        "aggregation": "softmax per view, mean over the 30 views (3 crops x 10 clips)",
+    }
 
 
 def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table, mapped: mapping.Mapped,
-               verdict: parity.Verdict | None, builtin_table: bool) -> dict:
-    """Checkpoint metadata: plain Python types only (MMAction2 loads it without weights_only)."""
-    return {
+               verdict: parity.Verdict | None, builtin_table: bool, notes: list[str]) -> dict:
+    """Checkpoint metadata = the model card. Plain Python types only (MMAction2 loads it without weights_only)."""
+    meta = {
         "vmzconv_version": __version__,
         "source": {"file": Path(blobs.source).name, "sha256": blobs.sha256, "bytes": int(blobs.size)},
         "arch": a.name,
@@ -58,15 +66,34 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
             "ignored": dict(sorted(mapped.ignored.items())),
             "dropped": list(mapped.dropped_blobs),
         },
-        "notes": list(blobs.notes),
+        "notes": list(blobs.notes) + list(notes),
         "parity": verdict.to_meta() if verdict is not None else None,
+        "zoo": None,
     }
+    entry = zoo.lookup(blobs.source)
+    if entry is not None and entry["arch"] == a.name and entry["classes"] == a.num_classes:
+        meta["zoo"] = {
+            "file": entry["file"], "pretrain": entry["pretrain"], "kind": entry["kind"],
+            "mmaction2_name": entry["mmaction2_name"], "mmaction2_published": entry["mmaction2_published"],
+            "mmaction2_config_norm": entry["norm"], "mmaction2_config_mean_std": zoo.NORMS[entry["norm"]],
+            "published_accuracy": zoo.published_accuracy(entry),
+        }
+    return meta
+
+
+def choose_target(a: arch_mod.Arch, target: str, keep_head: bool) -> tuple[str, list[str]]:
+    """Pretraining-only class counts go to MMAction2 as a backbone unless the head is wanted."""
+    if target == "mmaction2" and a.num_classes in PRETRAIN_ONLY_CLASSES and not keep_head:
+        return "mmaction2-backbone", [
+            f"{a.num_classes} classes = {PRETRAIN_ONLY_CLASSES[a.num_classes]} pretraining: written as an MMAction2 "
+            "backbone (pretrained=) with the head dropped; --keep-head keeps the full recognizer"]
+    return target, []
 
 
 def map_blobs(blobs: Blobs, a: arch_mod.Arch, target: str = "mmaction2", mapping_path: str | Path | None = None,
               with_pool1: bool = True, bn_eps: float = BN_EPS):
     """Build the target model, fill it through the table, and load it with ``strict=True``."""
-    get_target(target)
+    check_target(target, a)
     table_path = Path(mapping_path) if mapping_path else mapping.builtin_table_path(a.family, target)
     table = mapping.load_table(table_path)
     if table.target != target:
@@ -80,18 +107,26 @@ def map_blobs(blobs: Blobs, a: arch_mod.Arch, target: str = "mmaction2", mapping
 def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = "mmaction2",
             mapping_path: str | Path | None = None, check_parity: bool = True,
             parity_clip=parity.DEFAULT_CLIP, tolerance: float = parity.DEFAULT_TOLERANCE,
-            force: bool = False, with_pool1: bool = True, bn_eps: float = BN_EPS, progress=None) -> Result:
+            force: bool = False, keep_head: bool = False, card: bool = True,
+            publish: str | None = None, date: str | None = None,
+            with_pool1: bool = True, bn_eps: float = BN_EPS, progress=None) -> Result:
     """Convert one VMZ pickle. Raises a VmzconvError (and writes nothing) on any failure.
 
-    ``with_pool1`` and ``bn_eps`` change the PyTorch model only (never the reference):
-    they exist so tests can prove that parity catches such mistakes.
+    ``out`` is the output file, or with ``publish`` the folder that receives
+    ``PUBLISH_YYYYMMDD-<sha8>.pth``. ``with_pool1`` and ``bn_eps`` change the PyTorch
+    model only (never the reference): they exist so tests can prove that parity
+    catches such mistakes.
     """
     step = progress or (lambda name: None)
     t0 = time.perf_counter()
-    out = checkpoint.check_output_path(out, force)
+    if publish is None:
+        out = checkpoint.check_output_path(out, force)
+        if card and checkpoint.card_path(out).exists() and not force:
+            raise OutputError(f"{checkpoint.card_path(out)}: already exists (use --force to overwrite)")
     step("read")
     blobs = read_blobs(src)
     a = arch_mod.resolve(blobs, arch)
+    target, notes = choose_target(a, target, keep_head)
     step("map")
     model, table, mapped = map_blobs(blobs, a, target, mapping_path, with_pool1, bn_eps)
     verdict = None
@@ -101,11 +136,46 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
         verdict = parity.run(blobs, a, target, model, head=head, clip_size=parity_clip, tolerance=tolerance)
         parity.require(verdict, str(src))
     step("write")
-    meta = build_meta(blobs, a, target, table, mapped, verdict, builtin_table=mapping_path is None)
-    sha = checkpoint.save(out, mapped.state_dict, meta, force=force)
+    meta = build_meta(blobs, a, target, table, mapped, verdict, builtin_table=mapping_path is None, notes=notes)
+    if publish is not None:
+        day = date or datetime.date.today().strftime("%Y%m%d")
+        out, sha = checkpoint.save_published(out, publish, day, mapped.state_dict, meta, force=force)
+    else:
+        sha = checkpoint.save(out, mapped.state_dict, meta, force=force)
+    card_file = str(checkpoint.write_card(out, meta)) if card else None
     return Result(str(out), sha, a.name, a.num_classes, target, len(mapped.state_dict),
-                  meta["blobs"]["converted"], mapped.ignored, mapped.dropped_blobs, blobs.notes, verdict,
-                  round(time.perf_counter() - t0, 3), meta)
+                  meta["blobs"]["converted"], mapped.ignored, mapped.dropped_blobs, meta["notes"], verdict,
+                  round(time.perf_counter() - t0, 3), card_file, meta)
+
+
+def mmaction2_config(res: Result) -> str:
+    """The MMAction2 (1.x) config fields that load a converted file, with the matching normalisation."""
+    meta = res.meta
+    path = str(Path(res.output).resolve())
+    norm = meta["input"]
+    zoo_info = meta.get("zoo")
+    lines = [f"# MMAction2 config for {Path(path).name} ({meta['arch']}, {meta['num_classes']} classes)"]
+    if zoo_info and zoo_info["mmaction2_config_norm"] != "vmz":
+        lines.append(f"# The published MMAction2 config for this model normalises with {zoo_info['mmaction2_config_norm']} "
+                     f"mean/std {zoo_info['mmaction2_config_mean_std']}; VMZ trained it with the values below.")
+    backbone = f"type='ResNet3dCSN', depth={meta['depth']}, bottleneck_mode='{meta['family']}'"
+    preprocessor = (f"data_preprocessor=dict(type='ActionDataPreprocessor', mean={norm['mean']}, "
+                    f"std={norm['std']}, format_shape='NCTHW')")
+    if res.target == "mmaction2":
+        lines += ["model = dict(",
+                  f"    backbone=dict({backbone}, pretrained=None),",
+                  f"    cls_head=dict(num_classes={meta['num_classes']}),",
+                  f"    {preprocessor})",
+                  f"load_from = '{path}'"]
+    elif res.target == "mmaction2-backbone":
+        lines += ["model = dict(",
+                  f"    backbone=dict({backbone}, pretrained='{path}'),",
+                  f"    {preprocessor})"]
+    else:
+        return (f"# {res.target} layout: model.load_state_dict(torch.load('{path}')['state_dict'], strict=True)\n"
+                f"# input: RGB, NCTHW, 0-255, mean {norm['mean']}, std {norm['std']}")
+    lines.append(f"# MMAction2 0.x instead: img_norm_cfg = dict(mean={norm['mean']}, std={norm['std']}, to_bgr=False)")
+    return "\n".join(lines)
 
 
 def parity_of(src: str | Path, converted: str | Path, clip=parity.DEFAULT_CLIP,
@@ -128,7 +198,15 @@ def parity_of(src: str | Path, converted: str | Path, clip=parity.DEFAULT_CLIP,
 
 
 def _guess_target(state) -> str:
-    return "mmaction2" if any(k.startswith("backbone.") for k in state) else "mmaction2-backbone"
+    """For checkpoints without our meta (e.g. MMAction2's own files): tell the layouts apart by their keys."""
+    keys = set(state)
+    if any(k.startswith("backbone.") for k in keys):
+        return "mmaction2"
+    if "stem.0.weight" in keys:
+        return "torchvision"
+    if "blocks.0.conv.weight" in keys:
+        return "pytorchvideo"
+    return "mmaction2-backbone"
 
 
 def inspect(src: str | Path) -> dict:

@@ -50,8 +50,12 @@ class Verdict:
     reference_seconds: float
     model_seconds: float
 
-    def to_meta(self) -> dict:
+    def to_meta(self, timings: bool = False) -> dict:
+        """Plain types; without timings unless asked, so the same input gives the same checkpoint bytes."""
         d = asdict(self)
+        if not timings:
+            d.pop("reference_seconds")
+            d.pop("model_seconds")
         return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in d.items()}
 
     def summary(self) -> str:

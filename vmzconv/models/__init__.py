@@ -12,8 +12,9 @@ from torch import nn
 from ..arch import Arch
 from ..errors import ArchError
 from .csn import BN_EPS, build_backbone, build_recognizer
+from .other_layouts import build_pytorchvideo, build_torchvision
 
-__all__ = ["BN_EPS", "TARGETS", "Target", "build_model", "fill", "get_target", "logits"]
+__all__ = ["BN_EPS", "TARGETS", "Target", "build_model", "check_target", "fill", "get_target", "logits"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Target:
     families: tuple[str, ...]
     has_head: bool
     description: str
+    refusal: str = ""
 
 
 TARGETS = {
@@ -30,6 +32,13 @@ TARGETS = {
                         "MMAction2 Recognizer3D: backbone.* + cls_head.* in {state_dict, meta} (load_from=)"),
     "mmaction2-backbone": Target("mmaction2-backbone", build_backbone, ("ir", "ip"), False,
                                  "MMAction2 ResNet3dCSN backbone-relative keys, no head (backbone.pretrained=)"),
+    "torchvision": Target("torchvision", build_torchvision, ("ir", "ip"), True,
+                          "VMZ PyTorch hub / torchvision VideoResNet: stem.*, layerL.j.convK.*, fc"),
+    "pytorchvideo": Target("pytorchvideo", build_pytorchvideo, ("ir",), True,
+                           "pytorchvideo create_csn: blocks.0.*, blocks.i.res_blocks.j.branch*, blocks.5.proj",
+                           refusal="pytorchvideo's create_csn has no interaction-preserved block: its conv_b is a "
+                                   "single depthwise conv, so ip-CSN's extra 1x1x1 conv + BN has nowhere to go; "
+                                   "use --target torchvision or mmaction2"),
 }
 
 
@@ -39,13 +48,18 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
+def check_target(target: str, arch: Arch) -> Target:
+    t = get_target(target)
+    if arch.family not in t.families:
+        raise ArchError(f"target {target} cannot hold {arch.name}: {t.refusal or 'unsupported family'}")
+    return t
+
+
 def build_model(target: str, arch: Arch, with_pool1: bool = True, bn_eps: float = BN_EPS,
                 empty: bool = False) -> nn.Module:
     """The reference model for ``target``; ``empty`` builds it on the meta device (shapes only, no memory),
     to be filled with :func:`fill`."""
-    t = get_target(target)
-    if arch.family not in t.families:
-        raise ArchError(f"target {target} cannot hold {arch.name}")
+    t = check_target(target, arch)
     if empty:
         with torch.device("meta"):
             return t.build(arch, with_pool1=with_pool1, bn_eps=bn_eps)
