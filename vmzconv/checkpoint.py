@@ -72,12 +72,19 @@ def safetensors_metadata(meta: dict) -> dict[str, str]:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write, rename=None):
     """``write(f)`` into a temp file beside ``path``, fsync, then rename it to ``path`` (or to
     ``rename(result)`` when given, e.g. a name that contains the file's hash). Returns
     ``(final path, result)``; on any failure the temp file is removed."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())           # mkstemp makes 0600; outputs get the usual mode
         with os.fdopen(fd, "wb") as f:
             result = write(f)
             f.flush()
@@ -143,16 +150,13 @@ def load(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]", dict]:
         raise InputError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
+        from safetensors.torch import load_file
 
         try:
             state = load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:
-                raw = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"{path}: not a readable safetensors file: {e}") from None
-        meta = json.loads(raw[META_KEY]) if META_KEY in raw else {}
-        return OrderedDict(state), meta
+        return OrderedDict(state), _safetensors_meta(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
@@ -165,3 +169,26 @@ def load(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]", dict]:
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     state = OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state.items())
     return state, dict(meta)
+
+
+def load_meta(path: str | Path) -> dict:
+    """Only the meta of a converted file (memory-mapped, tensors untouched)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _safetensors_meta(path)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable PyTorch checkpoint: {str(e).splitlines()[0][:200]}") from None
+    return dict(obj.get("meta") or {}) if isinstance(obj, dict) else {}
+
+
+def _safetensors_meta(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable safetensors file: {e}") from None
+    return json.loads(raw[META_KEY]) if META_KEY in raw else {}

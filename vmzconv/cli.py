@@ -217,6 +217,84 @@ def parity(src, converted, parity_clip, tolerance, as_json):
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the zoo as JSON.")
+def zoo(as_json):
+    """List the known VMZ CSN pickles: arch, classes, pretraining, what MMAction2 file each becomes,
+    the normalisation its MMAction2 config uses, and the published accuracy."""
+    from .zoo import entries
+
+    rows = [dict(e) for e in entries()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    head = ["file", "arch", "classes", "pretrain", "kind", "mmaction2 name", "norm", "VMZ top1/5", "MMAction2 top1/5"]
+
+    def acc(e, who):
+        return f"{e[who + '_top1']}/{e[who + '_top5']}" if who + "_top1" in e else "-"
+
+    table = [head] + [[e["file"], e["arch"], str(e["classes"]), e["pretrain"].split(" (")[0], e["kind"],
+                       e["mmaction2_name"], e["norm"], acc(e, "vmz"), acc(e, "mmaction2")] for e in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    for r in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--jobs", "-j", type=click.IntRange(min=1), help="Worker processes (default: number of cores).")
+@click.option("--target", type=click.Choice(TARGET_NAMES),
+              help="Layout for every file (default: zoo files by their kind, others mmaction2).")
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="TOML with [[file]] path=..., and optional arch=, target=, name= per file.")
+@click.option("--force", is_flag=True, help="Reconvert files whose outputs are up to date.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def bulk(src, out_dir, jobs, target, manifest, force, quiet):
+    """Convert every .pkl under SRC (a folder, or a manifest .toml) into OUT_DIR.
+
+    Known VMZ zoo files get their MMAction2 name and kind (recognizer or backbone);
+    others are named after the file. Each conversion runs with parity; one failure
+    never stops the others. Outputs whose recorded source sha256, options and tool
+    version match are skipped, so an interrupted run simply resumes. Writes
+    OUT_DIR/report.json and OUT_DIR/report.md; exit 0 only if every file is converted
+    (or up to date) and passed parity.
+    """
+    from tqdm import tqdm
+
+    from . import bulk as bulk_mod
+
+    job_list = bulk_mod.plan(src, out_dir, target=target, manifest=manifest)
+    if not job_list:
+        raise VmzconvError(f"{src}: no .pkl files found")
+    bar = tqdm(total=len(job_list), unit="file", desc="bulk", disable=quiet or not sys.stderr.isatty(),
+               file=sys.stderr)
+
+    def progress(row):
+        bar.update(1)
+        bar.set_postfix_str(f"{Path(row.file).name}: {row.status}")
+
+    def on_wait():
+        click.echo(f"vmzconv: waiting for another bulk run on {out_dir} to finish", err=True)
+
+    try:
+        rows = bulk_mod.run(job_list, out_dir, n_jobs=jobs, force=force, progress=progress, on_wait=on_wait)
+    finally:
+        bar.close()
+    click.echo(bulk_mod.render_text(rows, out_dir))
+    converted = sum(r.status == "converted" for r in rows)
+    fresh = sum(r.status == "up-to-date" for r in rows)
+    failed = [r for r in rows if not r.ok]
+    if converted == 0 and not failed:
+        click.echo(f"nothing to do: all {fresh} outputs are up to date (--force reconverts)")
+    else:
+        click.echo(f"{converted} converted, {fresh} up to date, {len(failed)} failed; "
+                   f"reports: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vmzconv-demo"),
               show_default=True, help="Where the demo pickle and checkpoint go.")
 @click.option("--arch", type=click.Choice(ARCH_NAMES), default="ircsn_r50", show_default=True)

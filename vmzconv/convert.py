@@ -47,7 +47,7 @@ def input_spec(mean=VMZ_MEAN, std=VMZ_STD) -> dict:
 
 
 def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table, mapped: mapping.Mapped,
-               verdict: parity.Verdict | None, builtin_table: bool, notes: list[str]) -> dict:
+               verdict: parity.Verdict | None, builtin_table: bool, notes: list[str], options: dict) -> dict:
     """Checkpoint metadata = the model card. Plain Python types only (MMAction2 loads it without weights_only)."""
     meta = {
         "vmzconv_version": __version__,
@@ -58,6 +58,7 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
         "num_classes": int(a.num_classes),
         "conv1_temporal_kernel": int(a.conv1_kt),
         "target": target,
+        "options": options,
         "mapping": {"table": table.name, "builtin": builtin_table, "sha256": table.sha256},
         "input": input_spec(),
         "blobs": {
@@ -123,6 +124,7 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
         out = checkpoint.check_output_path(out, force)
         if card and checkpoint.card_path(out).exists() and not force:
             raise OutputError(f"{checkpoint.card_path(out)}: already exists (use --force to overwrite)")
+    options = {"arch": arch, "target": target} | ({"keep_head": True} if keep_head else {})
     step("read")
     blobs = read_blobs(src)
     a = arch_mod.resolve(blobs, arch)
@@ -136,7 +138,8 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
         verdict = parity.run(blobs, a, target, model, head=head, clip_size=parity_clip, tolerance=tolerance)
         parity.require(verdict, str(src))
     step("write")
-    meta = build_meta(blobs, a, target, table, mapped, verdict, builtin_table=mapping_path is None, notes=notes)
+    meta = build_meta(blobs, a, target, table, mapped, verdict, builtin_table=mapping_path is None, notes=notes,
+                      options=options)
     if publish is not None:
         day = date or datetime.date.today().strftime("%Y%m%d")
         out, sha = checkpoint.save_published(out, publish, day, mapped.state_dict, meta, force=force)

@@ -1,0 +1,155 @@
+"""`vmzconv zoo` and `vmzconv bulk`: naming, failures, reports, resumption, kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vmzconv import checkpoint, synth
+from vmzconv.zoo import entries, lookup
+
+
+def test_zoo_lists_every_released_csn_pickle(cli):
+    names = {e["file"] for e in entries()}
+    assert len(names) == 12
+    for fam in ("irCSN_152", "ipCSN_152"):
+        for kind in ("kinetics_from_scratch", "Sports1M_from_scratch", "ft_kinetics_from_Sports1M",
+                     "ig65m_from_scratch", "ft_kinetics_from_ig65m"):
+            assert any(n.startswith(f"{fam}_{kind}_f") for n in names), (fam, kind)
+    assert lookup("irCSN_152_sports1m_from_scratch_f99918785.pkl")["classes"] == 487      # spelling variant
+    assert lookup("IRCSN_152_FT_KINETICS_FROM_IG65M_f126851907.pkl")["vmz_top1"] == 82.6
+    assert lookup("renamed_f130601052.pkl")["mmaction2_name"] == "ipcsn_from_scratch_r152_ig65m"
+    assert lookup("something_else.pkl") is None
+    res = cli("zoo")
+    assert res.exit_code == 0 and "vmz_ircsn_ig65m_pretrained_r152_32x2x1_58e_kinetics400_rgb" in res.stdout
+    rows = json.loads(cli("zoo", "--json").stdout)
+    ig = next(r for r in rows if r["file"] == "ipCSN_152_ft_kinetics_from_ig65m_f133090949.pkl")
+    assert (ig["norm"], ig["vmz_top1"], ig["mmaction2_top1"], ig["kind"]) == ("imagenet", 82.5, 82.68, "recognizer")
+
+
+@pytest.fixture(scope="module")
+def bulk_src(tmp_path_factory, vmz_pickle):
+    src = tmp_path_factory.mktemp("bulk_src")
+    (src / "sub").mkdir()
+    links = {
+        "irCSN_50_ft_kinetics_from_ig65m_f233743920.pkl": ("ir", 50, 400, 0),          # fine-tuned ir-CSN
+        "irCSN_50_pretrained_ig65m_f231921860.pkl": ("ir", 50, 359, 1),                # IG-65M pretraining
+        "sub/ipCSN_152_sports1m_from_scratch_f111018543.pkl": ("ip", 152, 487, 2),     # Sports-1M, lower-case spelling
+        "my own model.pkl": ("ip", 50, 400, 3),                                         # unknown name
+    }
+    for name, (fam, depth, classes, seed) in links.items():
+        synth.write_vmz_pickle(src / name, synth.seeded_blobs(fam, depth, classes, seed))
+    data = (src / "my own model.pkl").read_bytes()
+    (src / "truncated.pkl").write_bytes(data[: len(data) // 2])
+    (src / "download.pkl").write_bytes(b"<!DOCTYPE html><html>Sign in to Dropbox</html>")
+    return src
+
+
+def bulk(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "vmzconv", "bulk", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+EXPECTED = {
+    "irCSN_50_ft_kinetics_from_ig65m_f233743920.pkl":
+        ("vmz_ircsn_ig65m_pretrained_r50_32x2x1_58e_kinetics400_rgb.pth", "mmaction2", "ircsn_r50", 400),
+    "irCSN_50_pretrained_ig65m_f231921860.pkl": ("ircsn_from_scratch_r50_ig65m.pth", "mmaction2-backbone", "ircsn_r50", 359),
+    "ipCSN_152_sports1m_from_scratch_f111018543.pkl":
+        ("ipcsn_from_scratch_r152_sports1m.pth", "mmaction2-backbone", "ipcsn_r152", 487),
+    "my own model.pkl": ("my_own_model.pth", "mmaction2", "ipcsn_r50", 400),
+}
+
+
+def test_bulk_converts_good_files_reports_bad_ones_and_resumes(bulk_src, tmp_path):
+    out = tmp_path / "out"
+    proc = bulk(bulk_src, out, "--jobs", "2")
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text().startswith("# vmzconv bulk report")
+    rows = {Path(r["file"]).name: r for r in report["rows"]}
+    assert set(rows) == set(EXPECTED) | {"truncated.pkl", "download.pkl"}
+    for name, (out_name, target, arch, classes) in EXPECTED.items():
+        r = rows[name]
+        assert r["status"] == "converted" and Path(r["output"]).name == out_name
+        assert (r["target"], r["arch"], r["classes"]) == (target, arch, classes)
+        assert r["parity_max_diff"] < 1e-4
+        _, meta = checkpoint.load(out / out_name)
+        assert meta["target"] == target and meta["parity"]["passed"]
+        assert (out / (out_name + ".json")).is_file()
+    assert rows["truncated.pkl"]["status"] == "failed" and "truncated" in rows["truncated.pkl"]["reason"]
+    assert "HTML page" in rows["download.pkl"]["reason"]
+    for bad in ("truncated.pkl", "download.pkl"):
+        assert "\n" not in rows[bad]["reason"]
+        assert f"failed  {bad}:" in proc.stdout
+    assert "4 converted, 0 up to date, 2 failed" in proc.stdout
+    _, meta = checkpoint.load(out / "vmz_ircsn_ig65m_pretrained_r50_32x2x1_58e_kinetics400_rgb.pth")
+    assert meta["zoo"]["published_accuracy"] == {"mmaction2_top1": 79.0, "mmaction2_top5": 94.2}
+
+    # the same command again converts nothing and says so
+    proc = bulk(bulk_src, out, "--jobs", "2")
+    assert proc.returncode == 1 and "0 converted, 4 up to date, 2 failed" in proc.stdout
+    # new bytes in one source reconvert just that one
+    synth.write_vmz_pickle(bulk_src / "my own model.pkl", synth.seeded_blobs("ip", 50, 400, 99))
+    proc = bulk(bulk_src, out, "--jobs", "2")
+    report = json.loads((out / "report.json").read_text())
+    status = {Path(r["file"]).name: r["status"] for r in report["rows"]}
+    assert status["my own model.pkl"] == "converted"
+    assert [s for n, s in status.items() if n in EXPECTED and n != "my own model.pkl"] == ["up-to-date"] * 3
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_bulk_of_good_files_only_says_nothing_to_do(vmz_pickle, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    os.link(vmz_pickle("ir", 50), src / "a.pkl")
+    out = tmp_path / "out"
+    assert bulk(src, out, "--jobs", "1").returncode == 0
+    proc = bulk(src, out, "--jobs", "1")
+    assert proc.returncode == 0 and "nothing to do: all 1 outputs are up to date" in proc.stdout
+
+
+def test_manifest_sets_names_targets_and_arch(vmz_pickle, tmp_path):
+    manifest = tmp_path / "files.toml"
+    manifest.write_text(f'[[file]]\npath = "{vmz_pickle("ir", 50)}"\nname = "custom_tv"\ntarget = "torchvision"\n'
+                        f'arch = "ircsn_r50"\n')
+    out = tmp_path / "out"
+    proc = bulk(manifest, out, "--jobs", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state, meta = checkpoint.load(out / "custom_tv.pth")
+    assert meta["target"] == "torchvision" and "stem.0.weight" in state
+
+
+def test_sigkill_mid_run_then_rerun_completes_cleanly(vmz_pickle, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        synth.write_vmz_pickle(src / f"m{i}.pkl", synth.seeded_blobs("ir", 50, 400, i))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*.pth.json")):
+        time.sleep(0.05)
+    assert list(out.glob("*.pth.json")), "no file finished in time"
+    time.sleep(0.3)                                   # let it get into the next file
+    os.killpg(proc.pid, signal.SIGKILL)               # the run and its worker, no clean-up
+    proc.wait()
+    finished = {p.name for p in out.glob("*.pth")}
+    assert 1 <= len(finished) < 4
+    for p in out.glob("*.pth"):                       # whatever is there under a final name is complete
+        checkpoint.load(p)
+    rerun = bulk(src, out, "--jobs", "1")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["failed"] == 0 and report["up_to_date"] >= 1 and report["converted"] + report["up_to_date"] == 4
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+    for i in range(4):
+        state, meta = checkpoint.load(out / f"m{i}.pth")
+        assert meta["parity"]["passed"] and len(state) == 320

@@ -1,0 +1,303 @@
+"""Convert a folder (or a manifest) of VMZ pickles: parallel, resumable, one report.
+
+Resumable by construction: every output is written atomically and carries in
+its meta the source sha256, the options and the tool version; a later run skips
+an output whose record matches and redoes anything else. A lock on the output
+folder serialises concurrent runs; temp files of a killed run are swept under
+that lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import multiprocessing
+import os
+import re
+import time
+import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import __version__, zoo
+from .errors import InputError, OutputError, VmzconvError
+
+LOCK_NAME = ".vmzconv-bulk.lock"
+
+
+@dataclass
+class Job:
+    source: str
+    output: str
+    arch: str
+    target: str
+    name: str
+    zoo: bool
+
+
+@dataclass
+class Row:
+    file: str
+    status: str            # converted | up-to-date | failed
+    arch: str = ""
+    classes: int | None = None
+    target: str = ""
+    output: str = ""
+    parity_max_diff: float | None = None
+    seconds: float = 0.0
+    reason: str = ""
+    worker_peak_rss_mib: float = 0.0      # the worker process's peak so far (it converts files one by one)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("converted", "up-to-date")
+
+
+# -- planning -------------------------------------------------------------------------
+
+
+def _safe_name(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "model"
+
+
+def _manifest(path: Path) -> dict[str, dict]:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"{path}: not a readable manifest: {e}") from None
+    files = raw.get("file")
+    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files):
+        raise InputError(f"{path}: a manifest lists [[file]] tables, each with path = \"...\"")
+    out = {}
+    for f in files:
+        unknown = set(f) - {"path", "arch", "target", "name"}
+        if unknown:
+            raise InputError(f"{path}: [[file]] {f['path']}: unknown keys {sorted(unknown)}")
+        p = Path(f["path"])
+        out[str(p if p.is_absolute() else (path.parent / p))] = f
+    return out
+
+
+def plan(src: str | Path, out_dir: str | Path, target: str | None = None,
+         manifest: str | Path | None = None) -> list[Job]:
+    """One job per pickle: zoo files get their MMAction2 name and kind, others a name from the file."""
+    src, out_dir = Path(src), Path(out_dir)
+    overrides: dict[str, dict] = {}
+    if src.is_file() and src.suffix == ".toml":
+        overrides = _manifest(src)
+        sources = [Path(p) for p in overrides]
+    elif src.is_dir():
+        sources = sorted(p for p in src.rglob("*") if p.suffix.lower() == ".pkl" and p.is_file())
+    else:
+        raise InputError(f"{src}: not a folder or a .toml manifest")
+    if manifest:
+        overrides.update({str(Path(k).resolve()): v for k, v in _manifest(Path(manifest)).items()})
+    jobs, names = [], {}
+    for s in sources:
+        o = overrides.get(str(s)) or overrides.get(str(s.resolve())) or {}
+        entry = zoo.lookup(s.name)
+        if entry:
+            name = entry["mmaction2_name"]
+            t = "mmaction2" if entry["kind"] == "recognizer" else "mmaction2-backbone"
+        else:
+            name, t = _safe_name(s.stem), "mmaction2"
+        t = o.get("target") or target or t
+        name = o.get("name") or name
+        suffix = "" if name.endswith((".pth", ".safetensors")) else ".pth"
+        if name in names:
+            raise InputError(f"{s} and {names[name]} would both be written as {name}{suffix}; name one in a manifest")
+        names[name] = s
+        jobs.append(Job(str(s), str(out_dir / f"{name}{suffix}"), o.get("arch", "auto"), t, name, entry is not None))
+    return jobs
+
+
+# -- one job (runs in a worker process) --------------------------------------------------
+
+
+def options_record(job: Job) -> dict:
+    """What, besides the source bytes and the tool version, decides an output's content."""
+    return {"arch": job.arch, "target": job.target}
+
+
+def up_to_date(job: Job, source_sha: str) -> bool:
+    from .checkpoint import load_meta
+
+    from .checkpoint import card_path
+
+    out = Path(job.output)
+    if not out.is_file() or not card_path(out).is_file():
+        return False
+    try:
+        meta = load_meta(out)
+    except VmzconvError:
+        return False
+    return (meta.get("vmzconv_version") == __version__ and (meta.get("source") or {}).get("sha256") == source_sha
+            and meta.get("options") == options_record(job) and (meta.get("parity") or {}).get("passed") is True)
+
+
+def run_job(job: Job, force: bool) -> Row:
+    """Convert one file; never raises (a failure is a row)."""
+    from .convert import convert
+    from .hashing import sha256_file
+
+    t0 = time.perf_counter()
+    row = Row(file=job.source, status="failed", target=job.target, output=job.output)
+    try:
+        sha = sha256_file(job.source)
+        if not force and up_to_date(job, sha):
+            from .checkpoint import load_meta
+
+            meta = load_meta(Path(job.output))
+            row.status = "up-to-date"
+            row.arch, row.classes, row.target = meta["arch"], meta["num_classes"], meta["target"]
+            row.parity_max_diff = meta["parity"]["max_abs_diff"]
+        else:
+            res = convert(job.source, job.output, arch=job.arch, target=job.target, force=True)
+            row.status, row.arch, row.classes, row.target = "converted", res.arch, res.num_classes, res.target
+            row.parity_max_diff = res.verdict.max_abs_diff if res.verdict else None
+    except VmzconvError as e:
+        row.reason = str(e).replace("\n", " ")
+    except Exception as e:  # a bug must not stop the other files; report it on the row
+        row.reason = f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    row.seconds = round(time.perf_counter() - t0, 2)
+    _release_memory()
+    import resource
+
+    row.worker_peak_rss_mib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return row
+
+
+def _release_memory() -> None:
+    """Hand freed heap back to the OS between files, so a worker peaks no higher than one convert."""
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path, on_wait=None):
+    """An exclusive lock on ``out_dir``: a second bulk run waits for the first."""
+    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def sweep_temp_files(out_dir: Path) -> list[str]:
+    """Remove temp files a killed run left (ours are named ``.<output name>.<random>.tmp``)."""
+    removed = []
+    for p in out_dir.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def run(jobs: list[Job], out_dir: Path, n_jobs: int | None = None, force: bool = False,
+        progress=None, on_wait=None) -> list[Row]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: not a folder")
+    cores = os.cpu_count() or 1
+    n_jobs = max(1, min(n_jobs or cores, max(1, len(jobs))))
+    threads = max(1, cores // n_jobs)
+    with locked(out_dir, on_wait):
+        sweep_temp_files(out_dir)
+        rows: dict[str, Row] = {}
+        env_keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+        saved = {k: os.environ.get(k) for k in env_keys}
+        os.environ.update({k: str(threads) for k in env_keys})   # read by each worker's numpy/torch at start
+        try:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+                futures = {pool.submit(run_job, job, force): job for job in jobs}
+                for fut in as_completed(futures):
+                    row = fut.result()
+                    rows[row.file] = row
+                    if progress:
+                        progress(row)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        ordered = [rows[j.source] for j in jobs]
+        write_reports(out_dir, ordered)
+    return ordered
+
+
+# -- reports ----------------------------------------------------------------------------------
+
+
+def _fmt_diff(v) -> str:
+    return "" if v is None else f"{v:.2e}"
+
+
+def table(rows: list[Row], out_dir: Path | None = None) -> list[list[str]]:
+    def rel(p: str) -> str:
+        if not p:
+            return ""
+        return os.path.relpath(p, out_dir) if out_dir else p
+
+    head = ["file", "arch", "classes", "output", "parity max diff", "status", "seconds"]
+    body = [[Path(r.file).name, r.arch, "" if r.classes is None else str(r.classes),
+             rel(r.output) if r.ok else "", _fmt_diff(r.parity_max_diff), r.status, f"{r.seconds:.1f}"]
+            for r in rows]
+    return [head] + body
+
+
+def render_text(rows: list[Row], out_dir: Path | None = None) -> str:
+    """The summary table, then one line per failure with its reason."""
+    t = table(rows, out_dir)
+    widths = [max(len(r[i]) for r in t) for i in range(len(t[0]))]
+    lines = ["  ".join(c.rjust(w) if i == len(r) - 1 else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in t]
+    lines += [f"failed  {Path(r.file).name}: {r.reason}" for r in rows if not r.ok]
+    return "\n".join(lines)
+
+
+def render_md(rows: list[Row], out_dir: Path | None = None) -> str:
+    t = table(rows, out_dir)
+    t[0].append("reason")
+    for r, row in zip(t[1:], rows):
+        r.append(row.reason)
+    esc = [[c.replace("|", "\\|") for c in r] for r in t]
+    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(esc[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]
+    return "\n".join(lines)
+
+
+def write_reports(out_dir: Path, rows: list[Row]) -> None:
+    from .checkpoint import write_atomic
+
+    summary = {"vmzconv_version": __version__, "files": len(rows),
+               "converted": sum(r.status == "converted" for r in rows),
+               "up_to_date": sum(r.status == "up-to-date" for r in rows),
+               "failed": sum(not r.ok for r in rows), "rows": [asdict(r) for r in rows]}
+    text = json.dumps(summary, indent=2) + "\n"
+    write_atomic(out_dir / "report.json", lambda f: f.write(text.encode()))
+    md = f"# vmzconv bulk report\n\n{render_md(rows, out_dir)}\n"
+    write_atomic(out_dir / "report.md", lambda f: f.write(md.encode()))
