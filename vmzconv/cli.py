@@ -11,7 +11,7 @@ import click
 
 from . import __version__
 from .arch import ARCH_NAMES
-from .errors import VmzconvError
+from .errors import CheckError, VmzconvError
 from .parity import DEFAULT_CLIP, DEFAULT_TOLERANCE, parse_clip
 
 TARGET_NAMES = ("mmaction2", "mmaction2-backbone", "torchvision", "pytorchvideo")
@@ -292,6 +292,124 @@ def bulk(src, out_dir, jobs, target, manifest, force, quiet):
                    f"reports: {out_dir / 'report.json'}, {out_dir / 'report.md'}")
     if failed:
         sys.exit(1)
+
+
+def _floats3(text):
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 3:
+        raise click.BadParameter("three comma-separated numbers (R,G,B on 0-255)")
+    return vals
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--ann", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Annotation list: 'path label' (videos), 'frame_dir total_frames label' (rawframes) or "
+                   "'video_id, num_frames, label' (Kinetics val list).")
+@click.option("--data-root", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder the list's paths, frame folders or video ids are found under.")
+@click.option("--ann-format", type=click.Choice(["auto", "videos", "rawframes", "kinetics"]), default="auto")
+@click.option("--arch", type=click.Choice(ARCH_NAMES), help="Required for checkpoints without vmzconv meta.")
+@click.option("--protocol", "protocol_name", type=click.Choice(["mmaction2", "vmz"]), default="mmaction2",
+              help="Clip offsets and crop order of MMAction2 1.x, or of VMZ's Caffe2 test tools.")
+@click.option("--clip-len", type=int, default=32)
+@click.option("--frame-interval", type=int, default=2)
+@click.option("--num-clips", type=int, default=10)
+@click.option("--short-side", type=int, default=256)
+@click.option("--crop-size", type=int, default=256)
+@click.option("--num-crops", type=int, default=3)
+@click.option("--norm", type=click.Choice(["vmz", "imagenet"]),
+              help="Mean/std preset (default: the checkpoint's, i.e. VMZ's); imagenet = MMAction2's IG-65M configs.")
+@click.option("--mean", callback=lambda c, p, v: _floats3(v), help="R,G,B mean on 0-255 (overrides --norm).")
+@click.option("--std", callback=lambda c, p, v: _floats3(v), help="R,G,B std on 0-255 (overrides --norm).")
+@click.option("--filename-tmpl", default="img_{:05d}.jpg", help="Rawframe file names (1-based index).")
+@click.option("--label-map", type=click.Path(exists=True, dir_okay=False), help="Class names, one per line.")
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              help="Autocast precision on CUDA (CPU always runs fp32).")
+@click.option("--max-views", type=click.IntRange(min=1), default=30, help="Views per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), help="Decoding worker processes (default: min(4, cores-1)).")
+@click.option("--cache", type=click.Path(file_okay=False), help="Keep per-video probabilities here; a rerun resumes.")
+@click.option("--skip-bad", is_flag=True, help="Skip (and report) videos that cannot be decoded instead of failing.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="JSON list of averaged probabilities, one per video in annotation order (MMAction2 --out).")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False),
+              help="JSON report: metrics, counts, protocol, checkpoint sha256, timings.")
+@click.option("--expect-top1", type=float, help="Fail (exit 1) unless top-1 %% is within --tolerance of this.")
+@click.option("--expect-top5", type=float, help="Same for top-5 %%.")
+@click.option("--expect-published", is_flag=True,
+              help="Expect the published MMAction2 (else VMZ) accuracy of a known zoo checkpoint.")
+@click.option("--tolerance", type=float, default=0.5, help="Allowed gap, in percentage points.")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads per process (default: cores / processes). Results are reproducible for a fixed value.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5,
+              help="Videos left out of the inference-speed timing (per rank).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def verify(ckpt, ann, data_root, ann_format, arch, protocol_name, clip_len, frame_interval, num_clips, short_side,
+           crop_size, num_crops, norm, mean, std, filename_tmpl, label_map, device, precision, max_views, workers,
+           cache, skip_bad, out_file, report_file, expect_top1, expect_top5, expect_published, tolerance, threads, warmup,
+           quiet):
+    """Measure CKPT's accuracy on a video list the way MMAction2 tests CSN: 10 clips x 3 crops of
+    32 frames (interval 2) at short side 256, softmax per view, mean over views; top-1, top-5 and
+    mean class accuracy. Runs on CUDA when present, else CPU; under `torchrun --nproc_per_node N -m
+    vmzconv verify ...` the list is sharded over ranks and the metrics equal a single-process run.
+    """
+    from .verify.protocol import Protocol
+    from .verify.runner import Options, run, write_json
+
+    p = Protocol(protocol_name, clip_len, frame_interval, num_clips, short_side, crop_size, num_crops)
+    opts = Options(str(ckpt), ann, data_root, ann_format, arch, p, mean, std, norm, filename_tmpl, label_map,
+                   device, precision, max_views, workers, cache, skip_bad, warmup=warmup, threads=threads, quiet=quiet)
+    outcome = run(opts)
+    if not outcome.report:          # a non-zero rank under torchrun: rank 0 reports
+        return
+    rep, m = outcome.report, outcome.metrics
+    if expect_published and expect_top1 is None:
+        from .checkpoint import load_meta
+
+        acc = ((load_meta(ckpt).get("zoo") or {}).get("published_accuracy")) or {}
+        who = "mmaction2" if "mmaction2_top1" in acc else "vmz"
+        if f"{who}_top1" not in acc:
+            raise VmzconvError(f"{ckpt}: no published accuracy in its meta (not a known zoo file)")
+        expect_top1, expect_top5 = acc[f"{who}_top1"], acc.get(f"{who}_top5")
+    checks = []
+    for name, want in (("top1", expect_top1), ("top5", expect_top5)):
+        if want is not None:
+            got = 100 * m[name]
+            checks.append((name, want, got, abs(got - want) <= tolerance))
+    rep["expectations"] = [{"metric": n, "expected": w, "measured": round(g, 4), "tolerance": tolerance, "passed": ok}
+                           for n, w, g, ok in checks]
+    if out_file:
+        write_json(out_file, outcome.probs)
+    if report_file:
+        write_json(report_file, rep)
+    ann_info, t = rep["annotations"], rep["timings"]
+    click.echo(f"checkpoint   {ckpt} ({rep['checkpoint']['arch']}, {rep['checkpoint']['target']})")
+    click.echo(f"videos       {ann_info['evaluated']} evaluated of {ann_info['videos']}"
+               + (f"; {ann_info['skipped']} SKIPPED (unreadable): "
+                  + ", ".join(s["video"] for s in rep["skipped"][:5]) if ann_info["skipped"] else ""))
+    click.echo(f"protocol     {p.name}: {p.num_clips} clips x {p.num_crops} crops, {p.clip_len} frames every "
+               f"{p.frame_interval}, short side {p.short_side}, crop {p.crop_size}")
+    click.echo(f"top1_acc     {m['top1']:.4f}")
+    click.echo(f"top5_acc     {m['top5']:.4f}")
+    click.echo(f"mean_class_accuracy {m['mean_class_accuracy']:.4f}"
+               + ("   (over the evaluated videos only)" if ann_info["skipped"] else ""))
+    speed = t["inference_video_per_s"]
+    click.echo(f"speed        {t['end_to_end_video_per_s']} video/s end to end; "
+               f"{speed if speed is not None else 'n/a (fewer videos than warm-up)'} video/s inference on {rep['device']}"
+               + (f"; peak GPU memory {t['peak_gpu_memory_mib']} MiB" if t["peak_gpu_memory_mib"] is not None else ""))
+    failed = [c for c in checks if not c[3]]
+    for n, w, g, ok in checks:
+        click.echo(f"expect       {n} {w:.2f}% +- {tolerance}: measured {g:.2f}% -> {'PASS' if ok else 'FAIL'}")
+    if failed:
+        raise CheckError(f"accuracy check failed: " + "; ".join(f"{n} {g:.2f}% vs expected {w:.2f}%"
+                                                                for n, w, g, _ in failed))
 
 
 @main.command()

@@ -1,0 +1,127 @@
+"""Test-time sampling and spatial transforms, as MMAction2 1.x (default) or VMZ's Caffe2 tools do them.
+
+MMAction2 1.x (``mmaction/datasets/transforms``), read from the source:
+
+* ``SampleFrames(test_mode=True)``: span ``(clip_len - 1) * interval + 1``,
+  ``max_offset = max(F - span, 0)``; with n > 1 clips ``offset_k = round(k * max_offset / (n - 1))``
+  (``np.round``: halves go to the even neighbour), one clip -> ``max_offset // 2``; frame
+  ``offset + i * interval``, wrapped ``mod F`` (``out_of_bound_opt='loop'``).
+* ``Resize(scale=(-1, S), keep_ratio=True)``: factor ``S / short side``, new size
+  ``int(x * factor + 0.5)``, ``cv2.resize(..., INTER_LINEAR)`` on uint8 RGB frames.
+* ``ThreeCrop(C)``: along the long side offsets ``[0, 2*step, step]``, ``step = (L - C) // 2``
+  (left/top, right/bottom, middle); the short side must equal C.
+* ``FormatShape('NCTHW')``: view index = crop * n_clips + clip.
+
+VMZ (``--protocol vmz``): clip k starts at ``floor(k * (F - R) / (n - 1))`` with R the same span
+(0 for one clip; ``max(F - R, 0)`` for short videos, which VMZ itself would skip); crops at
+``j * (L - C) // 2`` for j = 0, 1, 2 (left, centre, right).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from ..errors import VmzconvError
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str = "mmaction2"          # or "vmz"
+    clip_len: int = 32
+    frame_interval: int = 2
+    num_clips: int = 10
+    short_side: int = 256
+    crop_size: int = 256
+    num_crops: int = 3
+
+    def __post_init__(self):
+        if self.name not in ("mmaction2", "vmz"):
+            raise VmzconvError(f"unknown protocol {self.name!r} (mmaction2 or vmz)")
+        for field in ("clip_len", "frame_interval", "num_clips", "short_side", "crop_size"):
+            if getattr(self, field) < 1:
+                raise VmzconvError(f"--{field.replace('_', '-')} must be at least 1")
+        if self.num_crops not in (1, 3):
+            raise VmzconvError("--num-crops must be 1 (centre) or 3")
+        if self.crop_size > self.short_side:
+            raise VmzconvError(f"--crop-size {self.crop_size} is larger than --short-side {self.short_side}")
+
+    @property
+    def views(self) -> int:
+        return self.num_clips * self.num_crops
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clip_offsets(num_frames: int, p: Protocol) -> np.ndarray:
+    span = (p.clip_len - 1) * p.frame_interval + 1
+    max_offset = max(num_frames - span, 0)
+    if p.name == "vmz":
+        if p.num_clips == 1:
+            return np.zeros(1, dtype=np.int64)
+        return np.array([k * max_offset // (p.num_clips - 1) for k in range(p.num_clips)], dtype=np.int64)
+    if p.num_clips > 1:
+        return np.round(np.arange(p.num_clips) * (max_offset / float(p.num_clips - 1))).astype(np.int64)
+    return np.array([max_offset // 2], dtype=np.int64)
+
+
+def frame_indices(num_frames: int, p: Protocol) -> np.ndarray:
+    """[num_clips, clip_len] 0-based frame indices (add 1 for rawframes' img_00001.jpg)."""
+    if num_frames < 1:
+        raise VmzconvError("a video with no frames")
+    idx = clip_offsets(num_frames, p)[:, None] + np.arange(p.clip_len)[None, :] * p.frame_interval
+    return np.mod(idx, num_frames)
+
+
+def resized_size(w: int, h: int, short_side: int) -> tuple[int, int]:
+    """mmcv.rescale_size with scale (inf, short_side): (new_w, new_h)."""
+    factor = short_side / min(w, h)
+    return int(w * factor + 0.5), int(h * factor + 0.5)
+
+
+def resize(frame: np.ndarray, short_side: int) -> np.ndarray:
+    h, w = frame.shape[:2]
+    new_w, new_h = resized_size(w, h, short_side)
+    if (new_w, new_h) == (w, h):
+        return frame
+    return cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def crop_boxes(w: int, h: int, p: Protocol) -> list[tuple[int, int]]:
+    """(x, y) of each crop's top-left corner, in view order."""
+    c = p.crop_size
+    if p.num_crops == 1:
+        return [((w - c) // 2, (h - c) // 2)]
+    if h == c:
+        step = (w - c) // 2
+        xs = [0, 2 * step, step] if p.name == "mmaction2" else [0, step, 2 * step]
+        return [(x, 0) for x in xs]
+    if w == c:
+        step = (h - c) // 2
+        ys = [0, 2 * step, step] if p.name == "mmaction2" else [0, step, 2 * step]
+        return [(0, y) for y in ys]
+    raise VmzconvError(f"three crops of {c} need the short side to be {c}, the frame is {w}x{h} "
+                       "(set --short-side equal to --crop-size)")
+
+
+def views(frames: np.ndarray, p: Protocol) -> np.ndarray:
+    """Resized frames [num_clips * clip_len, H, W, 3] uint8 -> views [V, T, C, C, 3] uint8, V = crop*clips + clip."""
+    n, h, w, _ = frames.shape
+    clips = frames.reshape(p.num_clips, p.clip_len, h, w, 3)
+    c = p.crop_size
+    out = [clips[:, :, y:y + c, x:x + c] for x, y in crop_boxes(w, h, p)]
+    return np.ascontiguousarray(np.stack(out).reshape(-1, p.clip_len, c, c, 3))
+
+
+def normalise(v, mean, std):
+    """uint8 views [V, T, H, W, 3] (numpy or torch) -> float32 NCTHW (x - mean) / std."""
+    import torch
+
+    t = torch.as_tensor(v)
+    x = t.permute(0, 4, 1, 2, 3).float()
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
+    return (x - m) / s
