@@ -112,8 +112,11 @@ class _HashingReader:
         return self.sha.hexdigest()
 
 
-def read_blobs(path: str | Path) -> Blobs:
-    """Read ``path`` (a Python-2 or Python-3 pickle of Caffe2 blobs), streaming: the file is read once."""
+def read_blobs(path: str | Path, max_bytes: int | None = None) -> Blobs:
+    """Read ``path`` (a Python-2 or Python-3 pickle of Caffe2 blobs), streaming: the file is read once.
+
+    Array memory beyond the file's own bytes (float64 casts, Fortran-order copies) is counted, and
+    the read is refused before it passes ``max_bytes`` (default: 4 x the file size)."""
     path = Path(path)
     source = str(path)
     try:
@@ -133,20 +136,21 @@ def read_blobs(path: str | Path) -> Blobs:
         raise InputError(f"{source}: is a folder, not a file") from None
     except OSError as e:
         raise InputError(f"{source}: cannot read: {e.strerror or e}") from None
-    blobs = _to_blobs(top, source)
+    blobs = _to_blobs(top, source, max_bytes if max_bytes is not None else 4 * size)
     blobs.sha256, blobs.size = sha, size
     return blobs
 
 
-def blobs_from_bytes(data: bytes, source: str = "<bytes>") -> Blobs:
+def blobs_from_bytes(data: bytes, source: str = "<bytes>", max_bytes: int | None = None) -> Blobs:
     _sniff_wrong_file(data[:4096], source, io.BytesIO(data))
-    blobs = _to_blobs(picklevm.load(data, source), source)
+    blobs = _to_blobs(picklevm.load(data, source), source, max_bytes if max_bytes is not None else 4 * len(data))
     blobs.sha256, blobs.size = hashlib.sha256(data).hexdigest(), len(data)
     return blobs
 
 
-def _to_blobs(top, source: str) -> Blobs:
+def _to_blobs(top, source: str, max_bytes: int) -> Blobs:
     raw = _blob_dict(top, source)
+    budget = _Budget(source, max_bytes)
     notes: list[str] = []
     arrays: dict[str, np.ndarray] = {}
     for key, value in raw.items():
@@ -156,8 +160,9 @@ def _to_blobs(top, source: str) -> Blobs:
             continue
         if name != key:
             notes.append(f"scope stripped: {key!r} -> {name!r}")
-        arr = _array(value, name, source)
+        arr = _array(value, name, source, budget)
         if arr.dtype == np.float64:
+            budget.take(arr.size * 4, name)
             arr = arr.astype(np.float32)
             notes.append(f"{name}: float64 cast to float32")
         arrays[name] = arr
@@ -193,7 +198,21 @@ def _blob_dict(top, source: str) -> dict:
     return out
 
 
-def _array(value, name: str, source: str) -> np.ndarray:
+class _Budget:
+    """Bytes of array memory the read may use, the file's own buffers included."""
+
+    def __init__(self, source: str, max_bytes: int):
+        self.source, self.left = source, max_bytes
+        self.limit = max_bytes
+
+    def take(self, n: int, name: str) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise InputError(f"{self.source}: blob {name!r} would take the arrays past --max-bytes "
+                             f"{self.limit} bytes — refused")
+
+
+def _array(value, name: str, source: str, budget: _Budget) -> np.ndarray:
     if not isinstance(value, picklevm.ArrayStub):
         raise InputError(f"{source}: blob {name!r} is a {type(value).__name__}, not a numpy array")
     where = f"{source}: blob {name!r}"
@@ -207,6 +226,7 @@ def _array(value, name: str, source: str) -> np.ndarray:
     if count > _MAX_ELEMENTS:
         raise UnsafePickleError(f"{where}: shape {shape} declares {count} elements")
     buf = _buffer(value.data, where)
+    budget.take(len(buf), name)
     if len(buf) != count * dtype.itemsize:
         raise InputError(
             f"{where}: shape {list(shape)} x {dtype.itemsize} bytes needs {count * dtype.itemsize} bytes, "
@@ -214,6 +234,7 @@ def _array(value, name: str, source: str) -> np.ndarray:
         )
     arr = np.frombuffer(buf, dtype=dtype)
     if value.fortran and len(shape) > 1:
+        budget.take(len(buf), name)
         return np.ascontiguousarray(arr.reshape(shape[::-1]).T)
     return arr.reshape(shape)
 

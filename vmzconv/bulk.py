@@ -229,15 +229,23 @@ def run(jobs: list[Job], out_dir: Path, n_jobs: int | None = None, force: bool =
         env_keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
         saved = {k: os.environ.get(k) for k in env_keys}
         os.environ.update({k: str(threads) for k in env_keys})   # read by each worker's numpy/torch at start
+        ctx = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
         try:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-                futures = {pool.submit(run_job, job, force): job for job in jobs}
-                for fut in as_completed(futures):
-                    row = fut.result()
-                    rows[row.file] = row
-                    if progress:
-                        progress(row)
+            futures = {pool.submit(run_job, job, force): job for job in jobs}
+            for fut in as_completed(futures):
+                row = fut.result()
+                rows[row.file] = row
+                if progress:
+                    progress(row)
+        except BaseException:
+            # Ctrl-C (or a crash): drop queued files, let running ones end (their writes are atomic),
+            # then sweep any temp file an interrupted write left, while we still hold the lock.
+            pool.shutdown(wait=True, cancel_futures=True)
+            sweep_temp_files(out_dir)
+            raise
+        else:
+            pool.shutdown()
         finally:
             for k, v in saved.items():
                 if v is None:

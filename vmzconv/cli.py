@@ -97,6 +97,9 @@ def main():
     """
 
 
+_max_bytes_option = click.option(
+    "--max-bytes", type=click.IntRange(min=1), metavar="N",
+    help="Refuse a file whose arrays would need more than N bytes of memory (default: 4 x the file size).")
 _parity_clip_option = click.option(
     "--parity-clip", default=f"{DEFAULT_CLIP[0]},{DEFAULT_CLIP[1]}", show_default=True, metavar="T,H",
     help="Frames and side of the fixed parity clip (1 x 3 x T x H x H).")
@@ -130,11 +133,12 @@ _tolerance_option = click.option(
 @_parity_clip_option
 @_tolerance_option
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@_max_bytes_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def convert(src, out, arch, target, keep_head, publish, date, card, print_config, mapping_path, check_parity,
-            parity_clip, tolerance, force, as_json, quiet):
+            parity_clip, tolerance, force, max_bytes, as_json, quiet):
     """Convert SRC (a VMZ .pkl) to OUT (.pth or .safetensors, by suffix).
 
     Reads SRC without executing it, maps every blob through a declarative table,
@@ -148,7 +152,7 @@ def convert(src, out, arch, target, keep_head, publish, date, card, print_config
     try:
         res = run(src, out, arch=arch, target=target, mapping_path=mapping_path, check_parity=check_parity,
                   parity_clip=parse_clip(parity_clip), tolerance=tolerance, force=force, keep_head=keep_head,
-                  card=card, publish=publish, date=date, progress=stages)
+                  card=card, publish=publish, date=date, max_bytes=max_bytes, progress=stages)
     finally:
         stages.close()
     _print_result(res, as_json)
@@ -161,14 +165,15 @@ def convert(src, out, arch, target, keep_head, publish, date, card, print_config
 
 @main.command()
 @click.argument("src", type=click.Path(dir_okay=False, path_type=Path))
+@_max_bytes_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_fail_cleanly
-def inspect(src, as_json):
+def inspect(src, max_bytes, as_json):
     """Show what SRC (a VMZ .pkl) holds: architecture, classes, blob and parameter
     counts, training leftovers and anything suspicious — without converting."""
     from .convert import inspect as run
 
-    report = run(src)
+    report = run(src, max_bytes)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -109,7 +109,7 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
             mapping_path: str | Path | None = None, check_parity: bool = True,
             parity_clip=parity.DEFAULT_CLIP, tolerance: float = parity.DEFAULT_TOLERANCE,
             force: bool = False, keep_head: bool = False, card: bool = True,
-            publish: str | None = None, date: str | None = None,
+            publish: str | None = None, date: str | None = None, max_bytes: int | None = None,
             with_pool1: bool = True, bn_eps: float = BN_EPS, progress=None) -> Result:
     """Convert one VMZ pickle. Raises a VmzconvError (and writes nothing) on any failure.
 
@@ -126,7 +126,7 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
             raise OutputError(f"{checkpoint.card_path(out)}: already exists (use --force to overwrite)")
     options = {"arch": arch, "target": target} | ({"keep_head": True} if keep_head else {})
     step("read")
-    blobs = read_blobs(src)
+    blobs = read_blobs(src, max_bytes)
     a = arch_mod.resolve(blobs, arch)
     target, notes = choose_target(a, target, keep_head)
     step("map")
@@ -212,9 +212,9 @@ def _guess_target(state) -> str:
     return "mmaction2-backbone"
 
 
-def inspect(src: str | Path) -> dict:
+def inspect(src: str | Path, max_bytes: int | None = None) -> dict:
     """What a pickle holds, without converting it."""
-    blobs = read_blobs(src)
+    blobs = read_blobs(src, max_bytes)
     report = {
         "file": str(src),
         "sha256": blobs.sha256,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import io
 import struct
+import warnings
 from dataclasses import dataclass
 
 from .errors import InputError, UnsafePickleError
@@ -30,8 +31,15 @@ _VIEW_THRESHOLD = 1024
 
 MAX_MEMO = 1_000_000
 MAX_STACK = 1_000_000
-MAX_DEPTH = 64
-MAX_OPS = 50_000_000
+MAX_DEPTH = 64                 # MARK nesting
+# Operations (hence objects, hence time and memory) are capped in proportion to the file:
+# a real VMZ checkpoint needs ~30 per array (~60k for ir-CSN-152 in 120 MB), far below this.
+OPS_BASE = 100_000
+OPS_PER_BYTE = 1 / 64
+
+
+def max_ops(size: int) -> int:
+    return OPS_BASE + int(size * OPS_PER_BYTE)
 
 
 class Raw:
@@ -163,8 +171,8 @@ class _Machine:
         self.pos += k
         return Raw(buf)
 
-    def _line(self) -> bytes:
-        line = self.f.readline(1 << 16)
+    def _line(self, limit: int = 1 << 16) -> bytes:
+        line = self.f.readline(limit)
         self.pos += len(line)
         if not line.endswith(b"\n"):
             raise self._bad("truncated or overlong line")
@@ -231,6 +239,9 @@ class _Machine:
 
     def _global(self, module: str, name: str):
         tag = ALLOWED_GLOBALS.get((module, name))
+        if tag is None and (module == "torch" or module.startswith(("torch.", "torch._"))):
+            raise InputError(f"{self.source}: this is a PyTorch checkpoint (pickled torch objects: {module}.{name}), "
+                             "not a Caffe2 pickle")
         if tag is None:
             raise self._unsafe(f"global {module}.{name} is not on the allowlist")
         return _Global(tag)
@@ -302,11 +313,19 @@ class _Machine:
 
     # -- main loop ------------------------------------------------------
     def run(self):
-        ops = 0
+        try:
+            return self._run()
+        except RecursionError:
+            raise self._bad("objects nested too deeply") from None
+        except MemoryError:
+            raise self._bad("out of memory while reading") from None
+
+    def _run(self):
+        ops, limit = 0, max_ops(self.n)
         while True:
             ops += 1
-            if ops > MAX_OPS:
-                raise self._bad("too many operations")
+            if ops > limit:
+                raise self._bad(f"more than {limit} operations for a {self.n}-byte file — not a checkpoint")
             if self.pos >= self.n:
                 raise self._bad("truncated: no STOP opcode")
             op = self._take(1)
@@ -381,11 +400,13 @@ def _op_float(m: _Machine):
 
 
 def _op_string(m: _Machine):
-    line = m._line()
+    line = m._line(limit=m.n - m.pos + 1)      # protocol 0 keeps whole arrays on one line
     if len(line) < 2 or line[:1] != line[-1:] or line[:1] not in (b"'", b'"'):
         raise m._bad("STRING not quoted")
     try:
-        raw = codecs.escape_decode(line[1:-1])[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # invalid escapes in a crafted file
+            raw = codecs.escape_decode(line[1:-1])[0]
     except Exception:
         raise m._bad("bad STRING escape") from None
     m._push(Raw(bytearray(raw)) if len(raw) > _VIEW_THRESHOLD else raw.decode("latin-1"))
@@ -408,7 +429,7 @@ def _op_sized(k: int, fmt: str, kind: str):
 
 def _op_unicode(m: _Machine):
     try:
-        m._push(m._line().decode("raw-unicode-escape"))
+        m._push(m._line(limit=m.n - m.pos + 1).decode("raw-unicode-escape"))
     except UnicodeDecodeError:
         raise m._bad("bad UNICODE") from None
 

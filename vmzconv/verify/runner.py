@@ -239,10 +239,7 @@ def run(opts: Options) -> Outcome:
             arr = p.cpu().numpy().astype(np.float64)
             probs[index] = arr
             if cache is not None:
-                tmp = cache / f".{index}.npy.tmp"
-                with open(tmp, "wb") as f:
-                    np.save(f, arr)
-                os.replace(tmp, cache / f"{index}.npy")
+                write_atomic(cache / f"{index}.npy", lambda f, a=arr: np.save(f, a))
             hits += int(np.argmax(arr) == labels_by_index[index])
             bar.update(1)
             bar.set_postfix_str(f"top-1 {100.0 * hits / max(1, len(probs)):.1f}%")
