@@ -295,3 +295,28 @@ def test_expectations_turn_the_run_into_a_check(dataset, small_ckpt):
     assert proc.returncode == 1 and "accuracy check failed" in proc.stderr
     proc = verify(small_ckpt, "--ann", dataset / "raw.txt", "--data-root", dataset, *ARGS, "--expect-top1", "0")
     assert proc.returncode == 0 and "PASS" in proc.stdout
+
+
+def test_plain_mmaction2_checkpoint_needs_arch(dataset, small_ckpt, tmp_path):
+    obj = torch.load(small_ckpt, weights_only=True)
+    plain = tmp_path / "mmaction2_style.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in obj["state_dict"].items()}}, plain)   # no meta
+    proc = verify(plain, "--ann", dataset / "raw.txt", "--data-root", dataset, *ARGS)
+    assert proc.returncode == 2 and "--arch" in proc.stderr
+    out_a, out_b = tmp_path / "a.json", tmp_path / "b.json"
+    assert verify(plain, "--ann", dataset / "raw.txt", "--data-root", dataset, *ARGS, "--arch", "ircsn_r50",
+                  "--out", out_a).returncode == 0
+    assert verify(small_ckpt, "--ann", dataset / "raw.txt", "--data-root", dataset, *ARGS, "--out", out_b).returncode == 0
+    assert out_a.read_text() == out_b.read_text()
+
+
+def test_expect_published_uses_the_zoo_numbers(vmz_pickle, dataset, tmp_path):
+    from vmzconv.convert import convert
+
+    src = vmz_pickle.custom("irCSN_50_ft_kinetics_from_ig65m_f233743920.pkl", vmz_pickle.arrays("ir", 50))
+    ckpt = tmp_path / "zoo.pth"
+    convert(src, ckpt, check_parity=False)
+    proc = verify(ckpt, "--ann", dataset / "raw.txt", "--data-root", dataset, *ARGS, "--expect-published",
+                  "--norm", "imagenet")
+    assert proc.returncode == 1, proc.stderr
+    assert "top1 79.00% +- 0.5" in proc.stdout and "top5 94.20%" in proc.stdout and "accuracy check failed" in proc.stderr

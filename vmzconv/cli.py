@@ -413,7 +413,7 @@ def verify(ckpt, ann, data_root, ann_format, arch, protocol_name, clip_len, fram
     for n, w, g, ok in checks:
         click.echo(f"expect       {n} {w:.2f}% +- {tolerance}: measured {g:.2f}% -> {'PASS' if ok else 'FAIL'}")
     if failed:
-        raise CheckError(f"accuracy check failed: " + "; ".join(f"{n} {g:.2f}% vs expected {w:.2f}%"
+        raise CheckError("accuracy check failed: " + "; ".join(f"{n} {g:.2f}% vs expected {w:.2f}%"
                                                                 for n, w, g, _ in failed))
 
 

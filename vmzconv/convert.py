@@ -14,8 +14,8 @@ from .blobs import Blobs, read_blobs
 from .errors import MappingError, OutputError
 from .models import BN_EPS, build_model, check_target, fill, get_target
 
-VMZ_MEAN = [110.201, 100.64, 95.9966]
-VMZ_STD = [58.1489, 56.4701, 55.3324]
+VMZ_MEAN = zoo.NORMS["vmz"]["mean"]      # VMZ's RGB mean/std on 0-255 (Caffe2 video_input_op)
+VMZ_STD = zoo.NORMS["vmz"]["std"]
 PRETRAIN_ONLY_CLASSES = {359: "IG-65M", 487: "Sports-1M"}
 
 
@@ -187,7 +187,7 @@ def parity_of(src: str | Path, converted: str | Path, clip=parity.DEFAULT_CLIP,
     blobs = read_blobs(src)
     a = arch_mod.detect(blobs)
     state, meta = checkpoint.load(converted)
-    target = meta.get("target") or _guess_target(state)
+    target = meta.get("target") or guess_target(state)
     model = build_model(target, a, empty=True)
     try:
         fill(model, state)
@@ -200,7 +200,7 @@ def parity_of(src: str | Path, converted: str | Path, clip=parity.DEFAULT_CLIP,
     return a, target, parity.run(blobs, a, target, model, head=head, clip_size=clip, tolerance=tolerance)
 
 
-def _guess_target(state) -> str:
+def guess_target(state) -> str:
     """For checkpoints without our meta (e.g. MMAction2's own files): tell the layouts apart by their keys."""
     keys = set(state)
     if any(k.startswith("backbone.") for k in keys):

@@ -27,7 +27,7 @@ from .errors import InputError, UnsafePickleError
 # Strings longer than this are read into buffers of their own (array data, which
 # numpy then wraps without copying); shorter ones become ``str`` (dict keys, dtype
 # codes), as py2 ``str`` decoded with latin1 would.
-_VIEW_THRESHOLD = 1024
+_OWN_BUFFER_THRESHOLD = 1024
 
 MAX_MEMO = 1_000_000
 MAX_STACK = 1_000_000
@@ -161,7 +161,7 @@ class _Machine:
 
     def _payload(self, k: int):
         """A string payload of ``k`` bytes: short ones as bytes, long ones in a buffer of their own."""
-        if k <= _VIEW_THRESHOLD:
+        if k <= _OWN_BUFFER_THRESHOLD:
             return self._take(k)
         self._check_len(k)
         buf = bytearray(k)
@@ -268,7 +268,7 @@ class _Machine:
                 return args[0]
             try:
                 data = args[0].encode("latin-1")
-                return Raw(bytearray(data)) if len(data) > _VIEW_THRESHOLD else data
+                return Raw(bytearray(data)) if len(data) > _OWN_BUFFER_THRESHOLD else data
             except UnicodeEncodeError:
                 raise self._bad("_codecs.encode: text is not latin1") from None
         if tag == "frombuffer":
@@ -409,7 +409,7 @@ def _op_string(m: _Machine):
             raw = codecs.escape_decode(line[1:-1])[0]
     except Exception:
         raise m._bad("bad STRING escape") from None
-    m._push(Raw(bytearray(raw)) if len(raw) > _VIEW_THRESHOLD else raw.decode("latin-1"))
+    m._push(Raw(bytearray(raw)) if len(raw) > _OWN_BUFFER_THRESHOLD else raw.decode("latin-1"))
 
 
 def _op_sized(k: int, fmt: str, kind: str):

@@ -23,7 +23,7 @@ import torch
 
 from ..arch import Arch, parse_arch_name
 from ..checkpoint import load as load_checkpoint, write_atomic
-from ..convert import VMZ_MEAN, VMZ_STD, _guess_target
+from ..convert import VMZ_MEAN, VMZ_STD, guess_target
 from ..errors import CheckError, InputError, VmzconvError
 from ..hashing import sha256_file
 from ..models import build_model, fill, get_target
@@ -71,7 +71,7 @@ class Outcome:
 def load_model(opts: Options) -> tuple[torch.nn.Module, dict, str, str]:
     """The checkpoint in its reference model; returns (model, meta, target, sha256)."""
     state, meta = load_checkpoint(opts.ckpt)
-    target = meta.get("target") or _guess_target(state)
+    target = meta.get("target") or guess_target(state)
     if not get_target(target).has_head:
         raise InputError(f"{opts.ckpt}: a backbone-only ({target}) file has no classifier to verify")
     if meta.get("arch"):
@@ -183,7 +183,7 @@ def run(opts: Options) -> Outcome:
         model = model.to(memory_format=torch.channels_last_3d)
         torch.cuda.reset_peak_memory_stats(device)
 
-    mine = [it for it in items[rank::world]]
+    mine = items[rank::world]
     probs: dict[int, np.ndarray] = {}
     skipped: dict[int, str] = {}
     todo = []
