@@ -25,3 +25,15 @@ def run_measured(code: str, *args: str) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"benchmark child failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_pickles(specs: list[tuple[str, str, int, int]]) -> None:
+    """Write VMZ-format pickles [(path, family, depth, seed)] in a child process.
+
+    Linux keeps a process's peak RSS across fork + exec, so a parent that had built big arrays
+    would inflate every measured child; generating the data elsewhere keeps the parent small.
+    """
+    code = ("import sys, json\nfrom vmzconv.synth import seeded_blobs, write_vmz_pickle\n"
+            "for path, fam, depth, seed in json.loads(sys.argv[1]):\n"
+            "    write_vmz_pickle(path, seeded_blobs(fam, depth, 400, seed))\n")
+    subprocess.run([sys.executable, "-c", code, json.dumps(specs)], check=True)

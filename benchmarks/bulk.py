@@ -33,13 +33,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=4)
     args = ap.parse_args()
-    from vmzconv.synth import seeded_blobs, write_vmz_pickle
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_pickles
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
-        for i in range(args.files):
-            write_vmz_pickle(src / f"ircsn50_{i}.pkl", seeded_blobs("ir", 50, 400, i))
+        write_pickles([(str(src / f"ircsn50_{i}.pkl"), "ir", 50, i) for i in range(args.files)])
         vmz = [sys.executable, "-m", "vmzconv"]
         # one convert first: RUSAGE_CHILDREN only grows, so measure the lightest thing first
         single_wall, single_rss = timed(vmz + ["convert", str(src / "ircsn50_0.pkl"), str(Path(tmp) / "one.pth")])
