@@ -151,3 +151,33 @@ def test_sigint_during_convert_leaves_nothing(vmz_pickle, tmp_path):
         pytest.skip("the conversion finished before the signal arrived")
     assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigint_during_verify_leaves_no_partial_files(vmz_pickle, tmp_path):
+    from vmzconv.convert import convert
+    from vmzconv.verify.synthetic import frames, write_video
+
+    ckpt = tmp_path / "ir50.pth"
+    convert(vmz_pickle("ir", 50), ckpt, check_parity=False, card=False)
+    data = tmp_path / "videos"
+    data.mkdir()
+    lines = []
+    for i in range(12):
+        write_video(data / f"v{i}.mp4", frames(i % 3, 40, 96, 72, seed=i))
+        lines.append(f"v{i}.mp4 {i % 3}")
+    (data / "list.txt").write_text("\n".join(lines) + "\n")
+    cache, out, rep = tmp_path / "cache", tmp_path / "out.json", tmp_path / "rep.json"
+    proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "verify", str(ckpt), "--ann", str(data / "list.txt"),
+                             "--data-root", str(data), "--clip-len", "16", "--num-clips", "4", "--short-side", "96",
+                             "--crop-size", "96", "--workers", "1", "--cache", str(cache), "--out", str(out),
+                             "--report", str(rep)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert _wait_for(lambda: len(list(cache.rglob("*.npy"))) >= 1)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("verify finished before the signal arrived")
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    assert not out.exists() and not rep.exists()
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+    assert all(np.load(p).shape == (400,) for p in cache.rglob("*.npy"))   # whatever is cached is whole

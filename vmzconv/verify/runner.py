@@ -161,6 +161,17 @@ def _cache_dir(opts: Options, sha: str, mean, std) -> Path | None:
 
 def run(opts: Options) -> Outcome:
     rank, world = dist_info()
+    try:
+        return _run(opts, rank, world)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _run(opts: Options, rank: int, world: int) -> Outcome:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
