@@ -112,3 +112,33 @@ def test_inspect_reports_without_converting(vmz_pickle, cli, tmp_path):
     report = json.loads(cli("inspect", src, "--json").stdout)
     assert report["parameter_blobs"] == 347 and report["suspicious"]["unknown"] == ["stray_blob"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_folder(vmz_pickle, cli, tmp_path):
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        res = cli("convert", vmz_pickle("ir", 50), ro / "x.pth", "--no-parity")
+        assert_one_line_error(res, "cannot write")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(vmz_pickle, cli, tmp_path, monkeypatch):
+    import os
+
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    res = cli("convert", vmz_pickle("ir", 50), tmp_path / "x.pth", "--no-parity")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert_one_line_error(res, "x.pth", "No space left on device")
+    assert list(tmp_path.iterdir()) == []

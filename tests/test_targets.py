@@ -161,3 +161,10 @@ def test_card_of_a_known_zoo_file(vmz_pickle, cli, tmp_path):
 def test_no_card(vmz_pickle, cli, tmp_path):
     assert cli("convert", vmz_pickle("ir", 50), tmp_path / "x.pth", "--no-card", "--no-parity").exit_code == 0
     assert [p.name for p in tmp_path.iterdir()] == ["x.pth"]
+
+
+def test_cli_target_names_match_the_model_registry():
+    from vmzconv.cli import TARGET_NAMES
+    from vmzconv.models import TARGETS
+
+    assert TARGET_NAMES == tuple(TARGETS)

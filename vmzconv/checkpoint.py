@@ -81,8 +81,12 @@ def _umask() -> int:
 def write_atomic(path: Path, write, rename=None):
     """``write(f)`` into a temp file beside ``path``, fsync, then rename it to ``path`` (or to
     ``rename(result)`` when given, e.g. a name that contains the file's hash). Returns
-    ``(final path, result)``; on any failure the temp file is removed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ``(final path, result)``; on any failure the temp file is removed and an OS error becomes
+    an OutputError naming the file."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write here: {e.strerror or e}") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())           # mkstemp makes 0600; outputs get the usual mode
         with os.fdopen(fd, "wb") as f:
@@ -91,9 +95,11 @@ def write_atomic(path: Path, write, rename=None):
             os.fsync(f.fileno())
         final = rename(result) if rename else path
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
         raise
     return final, result
 

@@ -317,6 +317,28 @@ def _run(opts: Options, rank: int, world: int) -> Outcome:
     return Outcome(m, probs_list, [it.label for it in items], sorted(all_skipped), report)
 
 
+def published_expectation(ckpt: str | Path) -> tuple[float, float | None]:
+    """Top-1/top-5 (%) published for a known zoo checkpoint: MMAction2's re-measurement, else VMZ's."""
+    from ..checkpoint import load_meta
+
+    acc = ((load_meta(ckpt).get("zoo") or {}).get("published_accuracy")) or {}
+    who = "mmaction2" if "mmaction2_top1" in acc else "vmz"
+    if f"{who}_top1" not in acc:
+        raise VmzconvError(f"{ckpt}: no published accuracy in its meta (not a known VMZ zoo file)")
+    return acc[f"{who}_top1"], acc.get(f"{who}_top5")
+
+
+def check_expectations(m: dict, top1: float | None, top5: float | None, tolerance: float) -> list[dict]:
+    """Expected accuracies (in %) against the measured ones."""
+    checks = []
+    for name, want in (("top1", top1), ("top5", top5)):
+        if want is not None:
+            got = 100 * m[name]
+            checks.append({"metric": name, "expected": want, "measured": round(got, 4), "tolerance": tolerance,
+                           "passed": abs(got - want) <= tolerance})
+    return checks
+
+
 def write_json(path: str | Path, obj) -> None:
     path = Path(path)
     text = json.dumps(obj)
