@@ -153,3 +153,11 @@ def test_sigkill_mid_run_then_rerun_completes_cleanly(vmz_pickle, tmp_path):
     for i in range(4):
         state, meta = checkpoint.load(out / f"m{i}.pth")
         assert meta["parity"]["passed"] and len(state) == 320
+
+
+def test_the_bulk_parent_never_imports_torch():
+    """Workers pay for `import torch`; the coordinating process must not (it would serialise ~1 s)."""
+    code = ("import sys, vmzconv.cli, vmzconv.bulk as b, vmzconv.zoo; "
+            "b.plan; b.write_reports; b.render_text; assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr

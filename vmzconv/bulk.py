@@ -140,7 +140,7 @@ def up_to_date(job: Job, source_sha: str) -> bool:
 def run_job(job: Job, force: bool) -> Row:
     """Convert one file; never raises (a failure is a row)."""
     from .convert import convert
-    from .hashing import sha256_file
+    from .files import sha256_file
 
     t0 = time.perf_counter()
     row = Row(file=job.source, status="failed", target=job.target, output=job.output)
@@ -299,7 +299,7 @@ def render_md(rows: list[Row], out_dir: Path | None = None) -> str:
 
 
 def write_reports(out_dir: Path, rows: list[Row]) -> None:
-    from .checkpoint import write_atomic
+    from .files import write_atomic
 
     summary = {"vmzconv_version": __version__, "files": len(rows),
                "converted": sum(r.status == "converted" for r in rows),

@@ -7,18 +7,16 @@ only replaced with ``force``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 from .errors import InputError, OutputError
+from .files import write_atomic
 
 SUFFIXES = (".pth", ".safetensors")
 META_KEY = "vmzconv_meta"
@@ -70,38 +68,6 @@ def safetensors_metadata(meta: dict) -> dict[str, str]:
     for key, value in meta.items():
         out[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, write, rename=None):
-    """``write(f)`` into a temp file beside ``path``, fsync, then rename it to ``path`` (or to
-    ``rename(result)`` when given, e.g. a name that contains the file's hash). Returns
-    ``(final path, result)``; on any failure the temp file is removed and an OS error becomes
-    an OutputError naming the file."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise OutputError(f"{path}: cannot write here: {e.strerror or e}") from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())           # mkstemp makes 0600; outputs get the usual mode
-        with os.fdopen(fd, "wb") as f:
-            result = write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        final = rename(result) if rename else path
-        os.replace(tmp, final)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
-        raise
-    return final, result
 
 
 def save(path: str | Path, state_dict, meta: dict, force: bool = False) -> str:

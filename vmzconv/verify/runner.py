@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from ..arch import Arch, parse_arch_name
-from ..checkpoint import load as load_checkpoint, write_atomic
+from ..checkpoint import load as load_checkpoint
+from ..files import write_atomic
 from ..convert import VMZ_MEAN, VMZ_STD, guess_target
 from ..errors import CheckError, InputError, VmzconvError
-from ..hashing import sha256_file
+from ..files import sha256_file
 from ..models import build_model, fill, get_target
 from ..zoo import NORMS
 from . import annotations, decode, metrics
