@@ -161,3 +161,11 @@ def test_the_bulk_parent_never_imports_torch():
             "b.plan; b.write_reports; b.render_text; assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_manifest_names_cannot_escape_the_output_folder(vmz_pickle, tmp_path):
+    manifest = tmp_path / "files.toml"
+    manifest.write_text(f'[[file]]\npath = "{vmz_pickle("ir", 50)}"\nname = "../escaped"\n')
+    proc = bulk(manifest, tmp_path / "out", "--jobs", "1")
+    assert proc.returncode == 2 and "no folders" in proc.stderr
+    assert not (tmp_path / "escaped.pth").exists()

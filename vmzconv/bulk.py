@@ -105,6 +105,8 @@ def plan(src: str | Path, out_dir: str | Path, target: str | None = None,
             name, t = _safe_name(s.stem), "mmaction2"
         t = o.get("target") or target or t
         name = o.get("name") or name
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise InputError(f"{s}: output name {name!r}: use letters, digits, '_', '-' and '.' (no folders)")
         suffix = "" if name.endswith((".pth", ".safetensors")) else ".pth"
         if name in names:
             raise InputError(f"{s} and {names[name]} would both be written as {name}{suffix}; name one in a manifest")

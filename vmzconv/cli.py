@@ -176,6 +176,8 @@ def inspect(src, max_bytes, as_json):
     report = run(src, max_bytes)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+        if report.get("arch") is None:
+            sys.exit(2)
         return
     click.echo(f"file       {report['file']} ({report['bytes']} bytes, sha256 {report['sha256'][:16]}...)")
     click.echo(f"blobs      {report['blobs']} ({', '.join(report['dtypes'])})")

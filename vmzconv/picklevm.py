@@ -200,6 +200,13 @@ class _Machine:
             raise self._bad("stack underflow")
         return self.stack[-1]
 
+    def _top_of(self, kind: type, opname: str):
+        """The container an APPEND/SETITEM-style opcode writes into; nothing but plain containers."""
+        obj = self._top()
+        if not isinstance(obj, kind):
+            raise self._unsafe(f"{opname} on a {type(obj).__name__}")
+        return obj
+
     def _pop_mark(self) -> list:
         if not self.metastack:
             raise self._bad("no MARK to pop to")
@@ -466,34 +473,23 @@ def _op_dict(m: _Machine):
 
 def _op_append(m: _Machine):
     v = m._pop()
-    lst = m._top()
-    if not isinstance(lst, list):
-        raise m._unsafe(f"APPEND to a {type(lst).__name__}")
-    lst.append(v)
+    m._top_of(list, "APPEND").append(v)
 
 
 def _op_appends(m: _Machine):
     items = m._pop_mark()
-    lst = m._top()
-    if not isinstance(lst, list):
-        raise m._unsafe(f"APPENDS to a {type(lst).__name__}")
-    lst.extend(items)
+    m._top_of(list, "APPENDS").extend(items)
 
 
 def _op_setitem(m: _Machine):
     v = m._pop()
     k = m._pop()
-    d = m._top()
-    if not isinstance(d, dict):
-        raise m._unsafe(f"SETITEM on a {type(d).__name__}")
-    d[m._hashable(k)] = v
+    m._top_of(dict, "SETITEM")[m._hashable(k)] = v
 
 
 def _op_setitems(m: _Machine):
     items = m._pop_mark()
-    d = m._top()
-    if not isinstance(d, dict):
-        raise m._unsafe(f"SETITEMS on a {type(d).__name__}")
+    d = m._top_of(dict, "SETITEMS")
     if len(items) % 2:
         raise m._bad("odd number of items for SETITEMS")
     for i in range(0, len(items), 2):
@@ -502,10 +498,7 @@ def _op_setitems(m: _Machine):
 
 def _op_additems(m: _Machine):
     items = m._pop_mark()
-    s = m._top()
-    if not isinstance(s, set):
-        raise m._unsafe(f"ADDITEMS on a {type(s).__name__}")
-    s.update(m._hashable(x) for x in items)
+    m._top_of(set, "ADDITEMS").update(m._hashable(x) for x in items)
 
 
 def _op_frozenset(m: _Machine):
