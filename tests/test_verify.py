@@ -320,3 +320,9 @@ def test_expect_published_uses_the_zoo_numbers(vmz_pickle, dataset, tmp_path):
                   "--norm", "imagenet")
     assert proc.returncode == 1, proc.stderr
     assert "top1 79.00% +- 0.5" in proc.stdout and "top5 94.20%" in proc.stdout and "accuracy check failed" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_asking_for_cuda_without_one_is_a_clear_error(dataset, small_ckpt):
+    proc = verify(small_ckpt, "--ann", dataset / "raw.txt", "--data-root", dataset, *ARGS, "--device", "cuda")
+    assert proc.returncode == 2 and "no usable CUDA device" in proc.stderr and "Traceback" not in proc.stderr

@@ -154,7 +154,8 @@ def _cache_dir(opts: Options, sha: str, mean, std) -> Path | None:
     if not opts.cache:
         return None
     key = json.dumps({"ckpt": sha, "protocol": opts.protocol.to_dict(), "mean": mean, "std": std,
-                      "precision": opts.precision, "ann": os.path.abspath(opts.ann)}, sort_keys=True)
+                      "precision": opts.precision, "ann": os.path.abspath(opts.ann),
+                      "data_root": os.path.abspath(opts.data_root)}, sort_keys=True)
     d = Path(opts.cache) / hashlib.sha256(key.encode()).hexdigest()[:16]
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -172,8 +173,20 @@ def run(opts: Options) -> Outcome:
                 dist.destroy_process_group()
 
 
+def _device(name: str | None) -> torch.device:
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise VmzconvError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VmzconvError(f"--device {name}: this torch has no usable CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise VmzconvError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
 def _run(opts: Options, rank: int, world: int) -> Outcome:
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(opts.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
