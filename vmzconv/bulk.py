@@ -191,20 +191,17 @@ def _init_worker(threads: int) -> None:
 # -- the run -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def locked(out_dir: Path, on_wait=None):
-    """An exclusive lock on ``out_dir``: a second bulk run waits for the first."""
+def acquire_lock(out_dir: Path, on_wait=None) -> int:
+    """An exclusive lock on ``out_dir`` (released when the returned fd is closed, or the process dies):
+    a second bulk run on the same folder waits for the first."""
     fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait:
-                on_wait()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if on_wait:
+            on_wait()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 def sweep_temp_files(out_dir: Path) -> list[str]:
@@ -219,44 +216,55 @@ def sweep_temp_files(out_dir: Path) -> list[str]:
 
 def run(jobs: list[Job], out_dir: Path, n_jobs: int | None = None, force: bool = False,
         progress=None, on_wait=None) -> list[Row]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not out_dir.is_dir():
-        raise OutputError(f"{out_dir}: not a folder")
+    """Convert every job under a lock on ``out_dir``; write the reports; return the rows in job order."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = acquire_lock(out_dir, on_wait)
+    except OSError as e:
+        raise OutputError(f"{out_dir}: cannot use as the output folder: {e.strerror or e}") from None
+    try:
+        sweep_temp_files(out_dir)
+        rows = _convert_all(jobs, out_dir, n_jobs, force, progress)
+        write_reports(out_dir, rows)
+        return rows
+    finally:
+        os.close(fd)
+
+
+def _convert_all(jobs: list[Job], out_dir: Path, n_jobs: int | None, force: bool, progress) -> list[Row]:
     cores = os.cpu_count() or 1
     n_jobs = max(1, min(n_jobs or cores, max(1, len(jobs))))
     threads = max(1, cores // n_jobs)
-    with locked(out_dir, on_wait):
+    rows: dict[str, Row] = {}
+    env_keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {k: os.environ.get(k) for k in env_keys}
+    os.environ.update({k: str(threads) for k in env_keys})   # read by each worker's numpy/torch at start
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    try:
+        futures = {pool.submit(run_job, job, force): job for job in jobs}
+        for fut in as_completed(futures):
+            row = fut.result()
+            rows[row.file] = row
+            if progress:
+                progress(row)
+    except BaseException:
+        # Ctrl-C (or a crash): drop queued files, let running ones end (their writes are atomic),
+        # then sweep any temp file an interrupted write left, while we still hold the lock.
+        pool.shutdown(wait=True, cancel_futures=True)
         sweep_temp_files(out_dir)
-        rows: dict[str, Row] = {}
-        env_keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-        saved = {k: os.environ.get(k) for k in env_keys}
-        os.environ.update({k: str(threads) for k in env_keys})   # read by each worker's numpy/torch at start
-        ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
-        try:
-            futures = {pool.submit(run_job, job, force): job for job in jobs}
-            for fut in as_completed(futures):
-                row = fut.result()
-                rows[row.file] = row
-                if progress:
-                    progress(row)
-        except BaseException:
-            # Ctrl-C (or a crash): drop queued files, let running ones end (their writes are atomic),
-            # then sweep any temp file an interrupted write left, while we still hold the lock.
-            pool.shutdown(wait=True, cancel_futures=True)
-            sweep_temp_files(out_dir)
-            raise
-        else:
-            pool.shutdown()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        ordered = [rows[j.source] for j in jobs]
-        write_reports(out_dir, ordered)
-    return ordered
+        raise
+    else:
+        pool.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return [rows[j.source] for j in jobs]
 
 
 # -- reports ----------------------------------------------------------------------------------

@@ -89,8 +89,12 @@ def label_names(path: str | Path | None) -> list[str] | None:
     """A label map: one class name per line (line i = class i), optionally ``index name``."""
     if path is None:
         return None
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the label map: {e}") from None
     names = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line:
             continue
