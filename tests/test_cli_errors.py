@@ -47,8 +47,7 @@ def test_wrong_arch(vmz_pickle, cli, tmp_path):
 
 def test_truncated_file(vmz_pickle, cli, tmp_path):
     data = vmz_pickle("ir", 50).read_bytes()
-    src = vmz_pickle.custom("x", {})  # placeholder path in the pickle folder
-    src = src.with_name("truncated.pkl")
+    src = vmz_pickle.root / "truncated.pkl"
     src.write_bytes(data[: len(data) // 3])
     convert_fails(cli, src, tmp_path, "truncated.pkl", "truncated")
 
@@ -142,3 +141,12 @@ def test_full_disk_is_one_line_and_leaves_nothing(vmz_pickle, cli, tmp_path, mon
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert_one_line_error(res, "x.pth", "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_of_an_unsupported_model_is_one_line(cli, tmp_path):
+    blobs = {"conv1_middle_w": np.zeros((45, 3, 1, 7, 7), np.float32), "conv1_w": np.zeros((64, 45, 3, 1, 1), np.float32)}
+    from vmzconv import synth
+
+    src = synth.write_vmz_pickle(tmp_path / "r2plus1d_34.pkl", blobs)
+    assert_one_line_error(cli("inspect", src), "r2plus1d_34.pkl", "R(2+1)D")
+    assert_one_line_error(cli("inspect", src, "--json"), "R(2+1)D")

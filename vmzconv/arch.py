@@ -13,6 +13,8 @@ LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 FAMILIES = ("ir", "ip")
 ARCH_NAMES = tuple(f"{f}csn_r{d}" for f in FAMILIES for d in LAYERS)
 _DEPTH_BY_BLOCKS = {sum(v): k for k, v in LAYERS.items()}
+# What VMZ's extract_features.py pickles instead of parameters (docs/vmz-caffe2-format.md §3).
+FEATURE_OUTPUTS = {"final_avg", "softmax", "label", "video_id"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ def detect(blobs: Blobs) -> Arch:
     """Family, depth, classes and stem kernel of the CSN that ``blobs`` hold."""
     names = set(blobs.names())
     src = blobs.source
+    outputs = names & FEATURE_OUTPUTS
+    if outputs and "conv1_w" not in names:
+        raise ArchError(f"{src}: this is a VMZ feature-extraction output (activations such as "
+                        f"{', '.join(sorted(outputs))}), not a model checkpoint")
     if any(n.startswith(("v_comp_", "a_comp_", "v_conv1", "a_conv1")) for n in names):
         raise ArchError(f"{src}: an audio-visual VMZ model (v_/a_ prefixed blobs) — not supported")
     if "conv1_middle_w" in names:

@@ -318,8 +318,3 @@ def _sniff_wrong_dict(blobs: dict, source: str) -> None:
     keys = set(blobs)
     if {"state_dict", "meta"} & keys or any(k.startswith(("backbone.", "module.")) for k in keys):
         raise InputError(f"{source}: this is a PyTorch/MMAction2 state dict, not a Caffe2 pickle")
-    if {"final_avg", "softmax", "video_id"} & keys and not any(k.endswith("_w") for k in keys):
-        raise InputError(
-            f"{source}: this is a VMZ feature-extraction output (activations such as "
-            f"{', '.join(sorted({'final_avg', 'softmax', 'video_id'} & keys))}), not a model checkpoint"
-        )

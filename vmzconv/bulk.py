@@ -33,8 +33,6 @@ class Job:
     output: str
     arch: str
     target: str
-    name: str
-    zoo: bool
 
 
 @dataclass
@@ -111,7 +109,7 @@ def plan(src: str | Path, out_dir: str | Path, target: str | None = None,
         if name in names:
             raise InputError(f"{s} and {names[name]} would both be written as {name}{suffix}; name one in a manifest")
         names[name] = s
-        jobs.append(Job(str(s), str(out_dir / f"{name}{suffix}"), o.get("arch", "auto"), t, name, entry is not None))
+        jobs.append(Job(str(s), str(out_dir / f"{name}{suffix}"), o.get("arch", "auto"), t))
     return jobs
 
 

@@ -176,14 +176,9 @@ def inspect(src, max_bytes, as_json):
     report = run(src, max_bytes)
     if as_json:
         click.echo(json.dumps(report, indent=2))
-        if report.get("arch") is None:
-            sys.exit(2)
         return
     click.echo(f"file       {report['file']} ({report['bytes']} bytes, sha256 {report['sha256'][:16]}...)")
     click.echo(f"blobs      {report['blobs']} ({', '.join(report['dtypes'])})")
-    if report.get("arch") is None:
-        click.echo(f"arch       not recognised: {report['problem']}")
-        sys.exit(2)
     click.echo(f"arch       {report['arch']} ({report['num_classes']} classes, conv1 temporal kernel "
                f"{report['conv1_temporal_kernel']})")
     click.echo(f"parameters {report['parameters']:,} in {report['parameter_blobs']} parameter blobs")

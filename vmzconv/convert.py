@@ -215,6 +215,7 @@ def guess_target(state) -> str:
 def inspect(src: str | Path, max_bytes: int | None = None) -> dict:
     """What a pickle holds, without converting it."""
     blobs = read_blobs(src, max_bytes)
+    a = arch_mod.detect(blobs)          # an unsupported or unrecognised model is the one-line answer
     report = {
         "file": str(src),
         "sha256": blobs.sha256,
@@ -223,26 +224,9 @@ def inspect(src: str | Path, max_bytes: int | None = None) -> dict:
         "dtypes": sorted({str(a.dtype) for a in blobs.arrays.values()}),
         "notes": list(blobs.notes),
     }
-    try:
-        a = arch_mod.detect(blobs)
-    except arch_mod.ArchError as e:
-        report.update(arch=None, problem=str(e))
-        return report
     table = mapping.load_table(mapping.builtin_table_path(a.family, "mmaction2"))
-    plan = mapping.expand(table, a)
-    wanted = {b for b, _ in plan.pairs}
-    leftovers = mapping.load_leftovers()
-    ignored, unknown, refused = {}, [], {}
-    for name in blobs.names():
-        if name in wanted:
-            continue
-        verdict = leftovers.classify(name)
-        if verdict is None:
-            unknown.append(name)
-        elif verdict[0] == "refuse":
-            refused[name] = verdict[1]
-        else:
-            ignored[name] = verdict[1]
+    wanted = {b for b, _ in mapping.expand(table, a).pairs}
+    ignored, refused, unknown = mapping.sort_leftovers(blobs.names(), wanted)
     missing = sorted(wanted - set(blobs.names()))
     model = build_model("mmaction2", a, empty=True)
     params = int(sum(p.numel() for p in model.parameters()))

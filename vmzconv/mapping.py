@@ -157,6 +157,23 @@ class Leftovers:
         return None
 
 
+def sort_leftovers(names, used) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """The blobs in ``names`` that ``used`` does not consume: (ignored -> why, refused -> why, unknown)."""
+    rules = load_leftovers()
+    ignored: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    unknown: list[str] = []
+    for name in names:
+        if name in used:
+            continue
+        verdict = rules.classify(name)
+        if verdict is None:
+            unknown.append(name)
+        else:
+            (refused if verdict[0] == "refuse" else ignored)[name] = verdict[1]
+    return ignored, refused, unknown
+
+
 def load_leftovers() -> Leftovers:
     raw = tomllib.loads((mappings_dir() / "caffe2-leftovers.toml").read_text())
     return Leftovers(
@@ -213,19 +230,9 @@ def apply(table: Table, arch: Arch, blobs: Blobs, expected: "OrderedDict[str, to
             + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
         )
 
-    leftovers = load_leftovers()
-    ignored: dict[str, str] = {}
-    unknown: list[str] = []
-    for name in blobs.names():
-        if name in seen_blobs or name in plan.dropped:
-            continue
-        verdict = leftovers.classify(name)
-        if verdict is None:
-            unknown.append(name)
-        elif verdict[0] == "refuse":
-            raise InputError(f"{src}: blob {name!r}: {verdict[1]}")
-        else:
-            ignored[name] = verdict[1]
+    ignored, refused, unknown = sort_leftovers(blobs.names(), seen_blobs.keys() | plan.dropped.keys())
+    for name, why in refused.items():
+        raise InputError(f"{src}: blob {name!r}: {why}")
     if unknown:
         shown = ", ".join(f"{n!r} {list(blobs[n].shape)}" for n in unknown[:4])
         raise MappingError(

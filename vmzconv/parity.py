@@ -96,10 +96,6 @@ def compare(ours: np.ndarray, ref: np.ndarray, tolerance: float = DEFAULT_TOLERA
     return Verdict(not reason, max_abs, max_rel, worst, top1, top5, tolerance, list(clip), reason, 0.0, 0.0)
 
 
-def reference_logits(blobs, family: str, depth: int, classes: int, clip: np.ndarray) -> np.ndarray:
-    return reference.forward(blobs, family, depth, classes, clip)
-
-
 def run(blobs, arch, target: str, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
         tolerance: float = DEFAULT_TOLERANCE) -> Verdict:
     """Run both sides on the fixed clip and return the verdict (never raises on a mismatch)."""
@@ -107,7 +103,7 @@ def run(blobs, arch, target: str, model, head: dict | None = None, clip_size=DEF
 
     clip = fixed_clip(*clip_size)
     t0 = time.perf_counter()
-    ref = reference_logits(blobs.arrays, arch.family, arch.depth, arch.num_classes, clip)
+    ref = reference.forward(blobs.arrays, arch.family, arch.depth, arch.num_classes, clip)
     t1 = time.perf_counter()
     ours = logits(target, model, clip, head)
     t2 = time.perf_counter()

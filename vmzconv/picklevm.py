@@ -71,7 +71,6 @@ class ArrayStub:
     fortran: bool = False
     data: object = None
     built: bool = False
-    via: str = "_reconstruct"
 
 
 @dataclass(frozen=True)
@@ -284,7 +283,7 @@ class _Machine:
             buf, dt, shape, order = args
             if not isinstance(shape, tuple) or order not in ("C", "F"):
                 raise self._bad("numpy _frombuffer: bad shape or order")
-            return ArrayStub(shape=shape, dtype=dt, fortran=order == "F", data=buf, built=True, via="_frombuffer")
+            return ArrayStub(shape=shape, dtype=dt, fortran=order == "F", data=buf, built=True)
         raise self._unsafe(f"{tag} cannot be called")
 
     def _build(self, obj, state):

@@ -59,6 +59,16 @@ def blocks(depth: int) -> Iterator[Block]:
             index, dim_in = index + 1, dim_out
 
 
+def blob_role(name: str) -> str:
+    """What a parameter blob is: conv_weight, fc_weight, fc_bias, or bn_<s|b|rm|riv>."""
+    for sfx in BN_SUFFIXES:
+        if name.endswith(sfx) and not name.startswith("last_out_L"):
+            return "bn" + sfx
+    if name.startswith("last_out_L"):
+        return "fc_bias" if name.endswith("_b") else "fc_weight"
+    return "conv_weight"
+
+
 def _bn(name: str, c: int) -> list[tuple[str, tuple]]:
     return [(name + s, (c,)) for s in BN_SUFFIXES]
 

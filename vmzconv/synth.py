@@ -165,16 +165,15 @@ def seeded_blobs(family: str, depth: int, classes: int = 400, seed: int = 0, con
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in reference.blob_specs(family, depth, classes, conv1_kt):
-        if name.endswith("_w"):
+        role = reference.blob_role(name)
+        if role in ("conv_weight", "fc_weight"):
             fan_in = int(np.prod(shape[1:]))
             a = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
-        elif name.endswith("_s"):
+        elif role == "bn_s":
             a = rng.uniform(0.5, 1.0, shape)
-        elif name.endswith("_riv"):
+        elif role == "bn_riv":
             a = rng.uniform(0.5, 2.0, shape)
-        elif name.endswith("_rm"):
-            a = rng.normal(0.0, 0.1, shape)
-        else:  # BN and FC bias
+        else:  # BN running mean, BN and FC bias
             a = rng.normal(0.0, 0.1, shape)
         out[name] = a.astype(np.float32)
     return out

@@ -23,19 +23,14 @@ class Target:
     build: Callable[..., nn.Module]
     families: tuple[str, ...]
     has_head: bool
-    description: str
     refusal: str = ""
 
 
 TARGETS = {
-    "mmaction2": Target("mmaction2", build_recognizer, ("ir", "ip"), True,
-                        "MMAction2 Recognizer3D: backbone.* + cls_head.* in {state_dict, meta} (load_from=)"),
-    "mmaction2-backbone": Target("mmaction2-backbone", build_backbone, ("ir", "ip"), False,
-                                 "MMAction2 ResNet3dCSN backbone-relative keys, no head (backbone.pretrained=)"),
-    "torchvision": Target("torchvision", build_torchvision, ("ir", "ip"), True,
-                          "VMZ PyTorch hub / torchvision VideoResNet: stem.*, layerL.j.convK.*, fc"),
+    "mmaction2": Target("mmaction2", build_recognizer, ("ir", "ip"), True),
+    "mmaction2-backbone": Target("mmaction2-backbone", build_backbone, ("ir", "ip"), False),
+    "torchvision": Target("torchvision", build_torchvision, ("ir", "ip"), True),
     "pytorchvideo": Target("pytorchvideo", build_pytorchvideo, ("ir",), True,
-                           "pytorchvideo create_csn: blocks.0.*, blocks.i.res_blocks.j.branch*, blocks.5.proj",
                            refusal="pytorchvideo's create_csn has no interaction-preserved block: its conv_b is a "
                                    "single depthwise conv, so ip-CSN's extra 1x1x1 conv + BN has nowhere to go; "
                                    "use --target torchvision or mmaction2"),
