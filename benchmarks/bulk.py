@@ -39,7 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
-        write_pickles([(str(src / f"ircsn50_{i}.pkl"), "ir", 50, i) for i in range(args.files)])
+        write_pickles([(str(src / f"ircsn50_{i}.pkl"), "ircsn", 50, i) for i in range(args.files)])
         vmz = [sys.executable, "-m", "vmzconv"]
         # one convert first: RUSAGE_CHILDREN only grows, so measure the lightest thing first
         single_wall, single_rss = timed(vmz + ["convert", str(src / "ircsn50_0.pkl"), str(Path(tmp) / "one.pth")])

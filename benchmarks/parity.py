@@ -28,16 +28,16 @@ def main() -> None:
     clip = parity.fixed_clip(t, h)
     print(f"clip 1x3x{t}x{h}x{h}, torch threads {torch.get_num_threads()}, median of {args.repeat}")
     print(f"{'arch':<12}{'reference s':>14}{'pytorch s':>12}{'max |diff|':>14}")
-    for family in ("ir", "ip"):
+    for family in ("ircsn", "ipcsn"):
         a = Arch(family, 152, 400)
         blobs = Blobs("bench.pkl", seeded_blobs(family, 152))
-        model, _, _ = map_blobs(blobs, a)
+        model, _, _ = map_blobs(blobs, a, "mmaction2")
         ref_t, mod_t = [], []
         for _ in range(args.repeat):
             t0 = time.perf_counter()
             ref = reference.forward(blobs.arrays, family, 152, 400, clip)
             t1 = time.perf_counter()
-            ours = logits("mmaction2", model, clip)
+            ours = logits(model, clip)
             t2 = time.perf_counter()
             ref_t.append(t1 - t0)
             mod_t.append(t2 - t1)

@@ -38,6 +38,20 @@ def golden_blobs(family: str, depth: int = 50, classes: int = 400) -> dict[str, 
     return out
 
 
+def blobs_from_bytes(data: bytes, name: str = "x.pkl"):
+    """read_blobs on ``data`` written to a temporary file named ``name``."""
+    import tempfile
+
+    from vmzconv.blobs import read_blobs
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_bytes(data)
+        blobs = read_blobs(path)
+        blobs.arrays = {k: v.copy() for k, v in blobs.arrays.items()}
+        return blobs
+
+
 class PickleFactory:
     """Writes (and caches for the session) VMZ-format pickles of each architecture."""
 
@@ -51,7 +65,7 @@ class PickleFactory:
     def __call__(self, family: str, depth: int, classes: int = 400, seed: int = 0) -> Path:
         key = (family, depth, classes, seed)
         if key not in self.cache:
-            path = self.root / f"{family}csn_r{depth}_L{classes}_s{seed}.pkl"
+            path = self.root / f"{family}_r{depth}_L{classes}_s{seed}.pkl"
             synth.write_vmz_pickle(path, self.arrays(family, depth, classes, seed))
             self.cache[key] = path
         return self.cache[key]

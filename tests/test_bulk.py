@@ -25,7 +25,7 @@ def test_zoo_lists_every_released_csn_pickle(cli):
             assert any(n.startswith(f"{fam}_{kind}_f") for n in names), (fam, kind)
     assert lookup("irCSN_152_sports1m_from_scratch_f99918785.pkl")["classes"] == 487      # spelling variant
     assert lookup("IRCSN_152_FT_KINETICS_FROM_IG65M_f126851907.pkl")["vmz_top1"] == 82.6
-    assert lookup("renamed_f130601052.pkl")["mmaction2_name"] == "ipcsn_from_scratch_r152_ig65m"
+    assert lookup("renamed_f130601052.pkl")["name"] == "ipcsn_from_scratch_r152_ig65m"
     assert lookup("something_else.pkl") is None
     res = cli("zoo")
     assert res.exit_code == 0 and "vmz_ircsn_ig65m_pretrained_r152_32x2x1_58e_kinetics400_rgb" in res.stdout
@@ -39,10 +39,10 @@ def bulk_src(tmp_path_factory, vmz_pickle):
     src = tmp_path_factory.mktemp("bulk_src")
     (src / "sub").mkdir()
     links = {
-        "irCSN_50_ft_kinetics_from_ig65m_f233743920.pkl": ("ir", 50, 400, 0),          # fine-tuned ir-CSN
-        "irCSN_50_pretrained_ig65m_f231921860.pkl": ("ir", 50, 359, 1),                # IG-65M pretraining
-        "sub/ipCSN_152_sports1m_from_scratch_f111018543.pkl": ("ip", 152, 487, 2),     # Sports-1M, lower-case spelling
-        "my own model.pkl": ("ip", 50, 400, 3),                                         # unknown name
+        "irCSN_50_ft_kinetics_from_ig65m_f233743920.pkl": ("ircsn", 50, 400, 0),          # fine-tuned ir-CSN
+        "irCSN_50_pretrained_ig65m_f231921860.pkl": ("ircsn", 50, 359, 1),                # IG-65M pretraining
+        "sub/ipCSN_152_sports1m_from_scratch_f111018543.pkl": ("ipcsn", 152, 487, 2),     # Sports-1M, lower-case spelling
+        "my own model.pkl": ("ipcsn", 50, 400, 3),                                         # unknown name
     }
     for name, (fam, depth, classes, seed) in links.items():
         synth.write_vmz_pickle(src / name, synth.seeded_blobs(fam, depth, classes, seed))
@@ -96,7 +96,7 @@ def test_bulk_converts_good_files_reports_bad_ones_and_resumes(bulk_src, tmp_pat
     proc = bulk(bulk_src, out, "--jobs", "2")
     assert proc.returncode == 1 and "0 converted, 4 up to date, 2 failed" in proc.stdout
     # new bytes in one source reconvert just that one
-    synth.write_vmz_pickle(bulk_src / "my own model.pkl", synth.seeded_blobs("ip", 50, 400, 99))
+    synth.write_vmz_pickle(bulk_src / "my own model.pkl", synth.seeded_blobs("ipcsn", 50, 400, 99))
     proc = bulk(bulk_src, out, "--jobs", "2")
     report = json.loads((out / "report.json").read_text())
     status = {Path(r["file"]).name: r["status"] for r in report["rows"]}
@@ -108,7 +108,7 @@ def test_bulk_converts_good_files_reports_bad_ones_and_resumes(bulk_src, tmp_pat
 def test_bulk_of_good_files_only_says_nothing_to_do(vmz_pickle, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    os.link(vmz_pickle("ir", 50), src / "a.pkl")
+    os.link(vmz_pickle("ircsn", 50), src / "a.pkl")
     out = tmp_path / "out"
     assert bulk(src, out, "--jobs", "1").returncode == 0
     proc = bulk(src, out, "--jobs", "1")
@@ -117,7 +117,7 @@ def test_bulk_of_good_files_only_says_nothing_to_do(vmz_pickle, tmp_path):
 
 def test_manifest_sets_names_targets_and_arch(vmz_pickle, tmp_path):
     manifest = tmp_path / "files.toml"
-    manifest.write_text(f'[[file]]\npath = "{vmz_pickle("ir", 50)}"\nname = "custom_tv"\ntarget = "torchvision"\n'
+    manifest.write_text(f'[[file]]\npath = "{vmz_pickle("ircsn", 50)}"\nname = "custom_tv"\ntarget = "torchvision"\n'
                         f'arch = "ircsn_r50"\n')
     out = tmp_path / "out"
     proc = bulk(manifest, out, "--jobs", "1")
@@ -130,7 +130,7 @@ def test_sigkill_mid_run_then_rerun_completes_cleanly(vmz_pickle, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for i in range(4):
-        synth.write_vmz_pickle(src / f"m{i}.pkl", synth.seeded_blobs("ir", 50, 400, i))
+        synth.write_vmz_pickle(src / f"m{i}.pkl", synth.seeded_blobs("ircsn", 50, 400, i))
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -165,7 +165,7 @@ def test_the_bulk_parent_never_imports_torch():
 
 def test_manifest_names_cannot_escape_the_output_folder(vmz_pickle, tmp_path):
     manifest = tmp_path / "files.toml"
-    manifest.write_text(f'[[file]]\npath = "{vmz_pickle("ir", 50)}"\nname = "../escaped"\n')
+    manifest.write_text(f'[[file]]\npath = "{vmz_pickle("ircsn", 50)}"\nname = "../escaped"\n')
     proc = bulk(manifest, tmp_path / "out", "--jobs", "1")
     assert proc.returncode == 2 and "no folders" in proc.stderr
     assert not (tmp_path / "escaped.pth").exists()

@@ -18,7 +18,7 @@ def convert_fails(cli, src, tmp_path, *fragments, extra=(), code=2):
 
 
 def test_missing_blob(vmz_pickle, cli, tmp_path):
-    arrays = vmz_pickle.arrays("ir", 50)
+    arrays = vmz_pickle.arrays("ircsn", 50)
     del arrays["comp_5_spatbn_3_riv"]
     src = vmz_pickle.custom("missing.pkl", arrays)
     convert_fails(cli, src, tmp_path, "missing.pkl", "'comp_5_spatbn_3_riv' is missing",
@@ -26,14 +26,14 @@ def test_missing_blob(vmz_pickle, cli, tmp_path):
 
 
 def test_extra_unknown_blob(vmz_pickle, cli, tmp_path):
-    arrays = vmz_pickle.arrays("ir", 50)
+    arrays = vmz_pickle.arrays("ircsn", 50)
     arrays["mystery_w"] = np.zeros((3, 4), np.float32)
     src = vmz_pickle.custom("extra.pkl", arrays)
     convert_fails(cli, src, tmp_path, "extra.pkl", "unknown blob", "'mystery_w' [3, 4]")
 
 
 def test_wrong_shape(vmz_pickle, cli, tmp_path):
-    arrays = vmz_pickle.arrays("ip", 50)
+    arrays = vmz_pickle.arrays("ipcsn", 50)
     arrays["comp_2_conv_2_middle_w"] = np.zeros((64, 64, 1, 1, 3), np.float32)
     src = vmz_pickle.custom("shape.pkl", arrays)
     convert_fails(cli, src, tmp_path, "shape.pkl", "'comp_2_conv_2_middle_w'", "[64, 64, 1, 1, 3]",
@@ -41,12 +41,12 @@ def test_wrong_shape(vmz_pickle, cli, tmp_path):
 
 
 def test_wrong_arch(vmz_pickle, cli, tmp_path):
-    convert_fails(cli, vmz_pickle("ir", 50), tmp_path, "--arch ipcsn_r152", "look like ircsn_r50",
+    convert_fails(cli, vmz_pickle("ircsn", 50), tmp_path, "--arch ipcsn_r152", "look like ircsn_r50",
                   extra=("--arch", "ipcsn_r152"))
 
 
 def test_truncated_file(vmz_pickle, cli, tmp_path):
-    data = vmz_pickle("ir", 50).read_bytes()
+    data = vmz_pickle("ircsn", 50).read_bytes()
     src = vmz_pickle.root / "truncated.pkl"
     src.write_bytes(data[: len(data) // 3])
     convert_fails(cli, src, tmp_path, "truncated.pkl", "truncated")
@@ -81,10 +81,10 @@ def test_global_outside_allowlist_is_refused_without_running(cli, tmp_path_facto
 def test_existing_output_needs_force(vmz_pickle, cli, tmp_path):
     out = tmp_path / "out.pth"
     out.write_bytes(b"precious")
-    res = cli("convert", vmz_pickle("ir", 50), out, "--no-parity")
+    res = cli("convert", vmz_pickle("ircsn", 50), out, "--no-parity")
     assert_one_line_error(res, "already exists", "--force")
     assert out.read_bytes() == b"precious"
-    assert cli("convert", vmz_pickle("ir", 50), out, "--no-parity", "--force").exit_code == 0
+    assert cli("convert", vmz_pickle("ircsn", 50), out, "--no-parity", "--force").exit_code == 0
     assert out.read_bytes() != b"precious"
 
 
@@ -96,7 +96,7 @@ def test_bad_suffix_and_missing_input(cli, tmp_path):
 
 
 def test_inspect_reports_without_converting(vmz_pickle, cli, tmp_path):
-    arrays = vmz_pickle.arrays("ip", 50, classes=487)
+    arrays = vmz_pickle.arrays("ipcsn", 50, classes=487)
     arrays["comp_0_conv_1_w_momentum"] = np.zeros((64, 64, 1, 1, 1), np.float32)
     arrays["stray_blob"] = np.zeros(2, np.float32)
     src = vmz_pickle.custom("ip487.pkl", arrays)
@@ -122,7 +122,7 @@ def test_unwritable_output_folder(vmz_pickle, cli, tmp_path):
     try:
         if os.access(ro, os.W_OK):
             pytest.skip("running as a user who can write anywhere (root)")
-        res = cli("convert", vmz_pickle("ir", 50), ro / "x.pth", "--no-parity")
+        res = cli("convert", vmz_pickle("ircsn", 50), ro / "x.pth", "--no-parity")
         assert_one_line_error(res, "cannot write")
     finally:
         ro.chmod(0o700)
@@ -137,16 +137,16 @@ def test_full_disk_is_one_line_and_leaves_nothing(vmz_pickle, cli, tmp_path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    res = cli("convert", vmz_pickle("ir", 50), tmp_path / "x.pth", "--no-parity")
+    res = cli("convert", vmz_pickle("ircsn", 50), tmp_path / "x.pth", "--no-parity")
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert_one_line_error(res, "x.pth", "No space left on device")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_inspect_of_an_unsupported_model_is_one_line(cli, tmp_path):
-    blobs = {"conv1_middle_w": np.zeros((45, 3, 1, 7, 7), np.float32), "conv1_w": np.zeros((64, 45, 3, 1, 1), np.float32)}
     from vmzconv import synth
 
-    src = synth.write_vmz_pickle(tmp_path / "r2plus1d_34.pkl", blobs)
-    assert_one_line_error(cli("inspect", src), "r2plus1d_34.pkl", "R(2+1)D")
-    assert_one_line_error(cli("inspect", src, "--json"), "R(2+1)D")
+    blobs = {"conv1a_w": np.zeros((64, 3, 3, 3, 3), np.float32), "fc6_w": np.zeros((4096, 8192), np.float32)}
+    src = synth.write_vmz_pickle(tmp_path / "c3d_sports1m.pkl", blobs)
+    assert_one_line_error(cli("inspect", src), "c3d_sports1m.pkl", "C3D")
+    assert_one_line_error(cli("inspect", src, "--json"), "C3D")

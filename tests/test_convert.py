@@ -15,8 +15,8 @@ from vmzconv.arch import Arch
 from vmzconv.models import build_model
 
 LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-BLOB_COUNTS = {("ir", 50): 267, ("ir", 101): 522, ("ir", 152): 777,
-               ("ip", 50): 347, ("ip", 101): 687, ("ip", 152): 1027}
+BLOB_COUNTS = {("ircsn", 50): 267, ("ircsn", 101): 522, ("ircsn", 152): 777,
+               ("ipcsn", 50): 347, ("ipcsn", 101): 687, ("ipcsn", 152): 1027}
 
 
 def expected_sources(family: str, depth: int, classes: int) -> dict[str, str]:
@@ -34,7 +34,7 @@ def expected_sources(family: str, depth: int, classes: int) -> dict[str, str]:
         for j in range(n):
             p = f"backbone.layer{layer}.{j}"
             conv_bn(f"{p}.conv1", f"comp_{c}_conv_1_w", f"comp_{c}_spatbn_1")
-            if family == "ir":
+            if family == "ircsn":
                 conv_bn(f"{p}.conv2.0", f"comp_{c}_conv_3_w", f"comp_{c}_spatbn_3")
                 conv_bn(f"{p}.conv3", f"comp_{c}_conv_4_w", f"comp_{c}_spatbn_4")
             else:
@@ -66,8 +66,8 @@ def check_output(path, family, depth, classes, arrays):
 
 
 @pytest.mark.parametrize("family,depth", [
-    ("ir", 50), ("ip", 50), ("ir", 101), ("ip", 101),
-    pytest.param("ir", 152, marks=pytest.mark.slow), pytest.param("ip", 152, marks=pytest.mark.slow),
+    ("ircsn", 50), ("ipcsn", 50), ("ircsn", 101), ("ipcsn", 101),
+    pytest.param("ircsn", 152, marks=pytest.mark.slow), pytest.param("ipcsn", 152, marks=pytest.mark.slow),
 ])
 def test_convert_every_arch_bit_identical_with_parity(vmz_pickle, cli, tmp_path, family, depth):
     src = vmz_pickle(family, depth)
@@ -75,7 +75,7 @@ def test_convert_every_arch_bit_identical_with_parity(vmz_pickle, cli, tmp_path,
     res = cli("convert", src, out, "--json")
     assert res.exit_code == 0, res.stderr
     summary = json.loads(res.stdout)
-    assert summary["arch"] == f"{family}csn_r{depth}" and summary["num_classes"] == 400
+    assert summary["arch"] == f"{family}_r{depth}" and summary["num_classes"] == 400
     assert summary["blobs_converted"] == BLOB_COUNTS[family, depth]
     assert summary["parity"]["passed"] and summary["parity"]["max_abs_diff"] <= 1e-4
     meta = check_output(out, family, depth, 400, vmz_pickle.arrays(family, depth))
@@ -86,7 +86,7 @@ def test_convert_every_arch_bit_identical_with_parity(vmz_pickle, cli, tmp_path,
 
 def test_pth_is_mmaction2_loadable_and_meta_is_plain(vmz_pickle, cli, tmp_path):
     out = tmp_path / "r50.pth"
-    assert cli("convert", vmz_pickle("ir", 50), out).exit_code == 0
+    assert cli("convert", vmz_pickle("ircsn", 50), out).exit_code == 0
     obj = torch.load(out, map_location="cpu", weights_only=True)     # ERRATA 2: plain types only
     assert set(obj) == {"state_dict", "meta"}
     assert not any(k.startswith("module.") for k in obj["state_dict"])
@@ -104,12 +104,12 @@ def test_pth_is_mmaction2_loadable_and_meta_is_plain(vmz_pickle, cli, tmp_path):
 
     assert plain(meta)
     # MMAction2's load_checkpoint: ckpt['state_dict'], strip 'module.', load_state_dict
-    build_model("mmaction2", Arch("ir", 50, 400)).load_state_dict(obj["state_dict"], strict=True)
+    build_model("mmaction2", Arch("ircsn", 50, 400)).load_state_dict(obj["state_dict"], strict=True)
 
 
 def test_safetensors_output(vmz_pickle, cli, tmp_path):
     out = tmp_path / "r50.safetensors"
-    assert cli("convert", vmz_pickle("ip", 50), out, "--no-parity").exit_code == 0
+    assert cli("convert", vmz_pickle("ipcsn", 50), out, "--no-parity").exit_code == 0
     state = load_file(out)
     assert len(state) == 416
     _, meta = checkpoint.load(out)
@@ -117,7 +117,7 @@ def test_safetensors_output(vmz_pickle, cli, tmp_path):
 
 
 def test_training_leftovers_scopes_and_float64_are_handled(vmz_pickle, cli, tmp_path):
-    arrays = vmz_pickle.arrays("ir", 50)
+    arrays = vmz_pickle.arrays("ircsn", 50)
     messy = {f"gpu_0/{k}": (v.astype(np.float64) if k.endswith("_rm") else v) for k, v in arrays.items()}
     messy["gpu_0/comp_0_conv_1_w_momentum"] = np.zeros_like(arrays["comp_0_conv_1_w"])
     messy["gpu_0/ITER"] = np.array([1000], np.int64)
@@ -140,7 +140,7 @@ def test_python_dash_m_entry_point(vmz_pickle, tmp_path):
     import sys
 
     out = tmp_path / "m.pth"
-    proc = subprocess.run([sys.executable, "-m", "vmzconv", "convert", str(vmz_pickle("ir", 50)), str(out),
+    proc = subprocess.run([sys.executable, "-m", "vmzconv", "convert", str(vmz_pickle("ircsn", 50)), str(out),
                            "--parity-clip", "8,64"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "PASS" in proc.stdout and out.is_file()

@@ -13,12 +13,12 @@ from .conftest import GOLDEN
 # docs/targets-and-protocol.md §1.4: entries incl. num_batches_tracked, and trainable
 # parameters incl. the 400-class fc (metafile `Parameters` where MMAction2 publishes one).
 COUNTS = {
-    ("ir", 152): (932, 777, 29_703_568),
-    ("ip", 152): (1232, 1027, 33_016_592),
-    ("ir", 50): (320, 267, 13_131_152),
-    ("ip", 50): (416, 347, 14_396_176),
-    ("ir", 101): (626, 522, 22_213_776),
-    ("ip", 101): (824, 687, 24_601_616),
+    ("ircsn", 152): (932, 777, 29_703_568),
+    ("ipcsn", 152): (1232, 1027, 33_016_592),
+    ("ircsn", 50): (320, 267, 13_131_152),
+    ("ipcsn", 50): (416, 347, 14_396_176),
+    ("ircsn", 101): (626, 522, 22_213_776),
+    ("ipcsn", 101): (824, 687, 24_601_616),
 }
 
 
@@ -33,9 +33,9 @@ def test_entry_and_parameter_counts(family, depth):
     assert all(v.dtype == torch.int64 and v.dim() == 0 for k, v in sd.items() if k.endswith("num_batches_tracked"))
 
 
-@pytest.mark.parametrize("family", ["ir", "ip"])
+@pytest.mark.parametrize("family", ["ircsn", "ipcsn"])
 def test_r152_key_list_and_shapes_are_pinned(family):
-    lines = (GOLDEN / f"mmaction2_{family}csn_r152.keys.txt").read_text().splitlines()
+    lines = (GOLDEN / f"mmaction2_{family}_r152.keys.txt").read_text().splitlines()
     pinned = [ln for ln in lines if not ln.startswith("#")]
     model = build_model("mmaction2", Arch(family, 152, 400))
     ours = [f"{k} {list(v.shape)}" for k, v in model.state_dict().items()]
@@ -43,16 +43,16 @@ def test_r152_key_list_and_shapes_are_pinned(family):
 
 
 @pytest.mark.parametrize("key,shape,family", [
-    ("backbone.conv1.conv.weight", (64, 3, 3, 7, 7), "ir"),
-    ("backbone.layer1.0.conv1.conv.weight", (64, 64, 1, 1, 1), "ir"),
-    ("backbone.layer1.0.conv2.0.conv.weight", (64, 1, 3, 3, 3), "ir"),
-    ("backbone.layer1.0.downsample.conv.weight", (256, 64, 1, 1, 1), "ir"),
-    ("backbone.layer2.0.conv1.conv.weight", (128, 256, 1, 1, 1), "ir"),
-    ("backbone.layer2.0.downsample.conv.weight", (512, 256, 1, 1, 1), "ir"),
-    ("backbone.layer4.2.conv3.bn.running_var", (2048,), "ir"),
-    ("backbone.layer3.35.conv2.1.conv.weight", (256, 1, 3, 3, 3), "ip"),
-    ("backbone.layer3.35.conv2.0.conv.weight", (256, 256, 1, 1, 1), "ip"),
-    ("cls_head.fc_cls.weight", (400, 2048), "ip"),
+    ("backbone.conv1.conv.weight", (64, 3, 3, 7, 7), "ircsn"),
+    ("backbone.layer1.0.conv1.conv.weight", (64, 64, 1, 1, 1), "ircsn"),
+    ("backbone.layer1.0.conv2.0.conv.weight", (64, 1, 3, 3, 3), "ircsn"),
+    ("backbone.layer1.0.downsample.conv.weight", (256, 64, 1, 1, 1), "ircsn"),
+    ("backbone.layer2.0.conv1.conv.weight", (128, 256, 1, 1, 1), "ircsn"),
+    ("backbone.layer2.0.downsample.conv.weight", (512, 256, 1, 1, 1), "ircsn"),
+    ("backbone.layer4.2.conv3.bn.running_var", (2048,), "ircsn"),
+    ("backbone.layer3.35.conv2.1.conv.weight", (256, 1, 3, 3, 3), "ipcsn"),
+    ("backbone.layer3.35.conv2.0.conv.weight", (256, 256, 1, 1, 1), "ipcsn"),
+    ("cls_head.fc_cls.weight", (400, 2048), "ipcsn"),
 ])
 def test_documented_example_keys(key, shape, family):
     sd = build_model("mmaction2", Arch(family, 152, 400)).state_dict()
@@ -61,7 +61,7 @@ def test_documented_example_keys(key, shape, family):
 
 def test_module_semantics_match_mmaction2():
     """BN eps 1e-3 everywhere; stem, pool and strides as ResNet3dCSN builds them."""
-    model = build_model("mmaction2", Arch("ip", 50, 400))
+    model = build_model("mmaction2", Arch("ipcsn", 50, 400))
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
     assert bns and all(m.eps == 1e-3 for m in bns)
     stem = model.backbone.conv1.conv

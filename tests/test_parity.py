@@ -11,19 +11,19 @@ import pytest
 import torch
 
 from vmzconv import checkpoint, parity, reference
-from vmzconv.arch import Arch
+from vmzconv.arch import Arch, detect
 from vmzconv.blobs import read_blobs
-from vmzconv.convert import convert
+from vmzconv.convert import map_blobs
 from vmzconv.errors import CheckError
 from vmzconv.mapping import builtin_table_path
-from vmzconv.models import build_model, logits
+from vmzconv.models import build_model, fill, logits
 
 from .conftest import GOLDEN, assert_one_line_error, golden_blobs
 
 
-@pytest.mark.parametrize("family", ["ir", "ip"])
+@pytest.mark.parametrize("family", ["ircsn", "ipcsn"])
 def test_genuine_caffe2_logits_are_reproduced(vmz_pickle, cli, tmp_path, family):
-    caffe2 = np.load(GOLDEN / f"{family}csn_r50_L400.caffe2_logits.npy")
+    caffe2 = np.load(GOLDEN / f"{family}_r50_L400.caffe2_logits.npy")
     assert caffe2.shape == (1, 400)
     src = vmz_pickle.custom(f"golden_{family}.pkl", golden_blobs(family))
     out = tmp_path / "golden.pth"
@@ -33,7 +33,7 @@ def test_genuine_caffe2_logits_are_reproduced(vmz_pickle, cli, tmp_path, family)
     state, _ = checkpoint.load(out)
     model = build_model("mmaction2", Arch(family, 50, 400))
     model.load_state_dict(state, strict=True)
-    ours = logits("mmaction2", model, clip)
+    ours = logits(model, clip)
     ref = reference.forward(read_blobs(src).arrays, family, 50, 400, clip)
     assert np.abs(ours - caffe2).max() <= 1e-5
     assert np.abs(ref - caffe2).max() <= 1e-5
@@ -81,12 +81,12 @@ def fault_table(tmp_path, family: str, old: str, new: str):
 
 SWAP = '{ bn = "backbone.conv1.bn", suffixes = { "_s" = "%s", "_b" = "%s", "_rm" = "%s", "_riv" = "%s" } }'
 FAULTS = {
-    "bn scale and bias swapped (stem)": ("ir", '"conv1_spatbn_relu" = { bn = "backbone.conv1.bn" }',
+    "bn scale and bias swapped (stem)": ("ircsn", '"conv1_spatbn_relu" = { bn = "backbone.conv1.bn" }',
                                          '"conv1_spatbn_relu" = ' + SWAP % ("bias", "weight", "running_mean", "running_var")),
-    "running mean and variance swapped (stem)": ("ir", '"conv1_spatbn_relu" = { bn = "backbone.conv1.bn" }',
+    "running mean and variance swapped (stem)": ("ircsn", '"conv1_spatbn_relu" = { bn = "backbone.conv1.bn" }',
                                                  '"conv1_spatbn_relu" = ' + SWAP % ("weight", "bias", "running_var", "running_mean")),
     "ip 1x1x1 and depthwise BNs swapped": (
-        "ip",
+        "ipcsn",
         '"comp_{i}_spatbn_2_middle" = { bn = "backbone.layer{L}.{j}.conv2.0.bn" }',
         '"comp_{i}_spatbn_2_middle" = { bn = "backbone.layer{L}.{j}.conv2.1.bn" }'),
 }
@@ -108,18 +108,21 @@ def test_injected_mapping_faults_fail_parity(vmz_pickle, cli, tmp_path_factory, 
     assert cli("convert", vmz_pickle(family, 50), out, "--mapping", table, "--no-parity").exit_code == 0
 
 
-@pytest.mark.parametrize("override,fragment", [({"bn_eps": 1e-5}, "exceeds"), ({"with_pool1": False}, "exceeds")])
-def test_injected_model_faults_fail_parity(vmz_pickle, tmp_path, override, fragment):
-    out = tmp_path / "out.pth"
-    with pytest.raises(CheckError) as info:
-        convert(vmz_pickle("ir", 50), out, **override)
-    msg = str(info.value)
-    assert "parity FAILED" in msg and fragment in msg and "at class" in msg
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("fault", [{"bn_eps": 1e-5}, {"pool": False}])
+def test_injected_model_faults_fail_parity(vmz_pickle, fault):
+    """Faults in the PyTorch model (reached through the builder, not convert()) that load strictly."""
+    blobs = read_blobs(vmz_pickle("ircsn", 50))
+    a = detect(blobs)
+    _, _, mapped = map_blobs(blobs, a, "mmaction2")
+    model = fill(build_model("mmaction2", a, empty=True, **fault), mapped.state_dict)
+    verdict = parity.run(blobs, a, model, clip_size=(8, 96))
+    assert not verdict.passed and "exceeds" in verdict.reason
+    with pytest.raises(CheckError, match=r"parity FAILED .* at class"):
+        parity.require(verdict, "x.pkl")
 
 
 def test_parity_command_on_pth_and_safetensors(vmz_pickle, cli, tmp_path):
-    src = vmz_pickle("ip", 50)
+    src = vmz_pickle("ipcsn", 50)
     for name in ("a.pth", "a.safetensors"):
         out = tmp_path / name
         assert cli("convert", src, out, "--no-parity").exit_code == 0
@@ -130,7 +133,7 @@ def test_parity_command_on_pth_and_safetensors(vmz_pickle, cli, tmp_path):
 
 
 def test_parity_command_catches_a_tampered_file(vmz_pickle, cli, tmp_path):
-    src = vmz_pickle("ir", 50)
+    src = vmz_pickle("ircsn", 50)
     out = tmp_path / "t.pth"
     assert cli("convert", src, out, "--no-parity").exit_code == 0
     obj = torch.load(out, weights_only=True)
@@ -142,7 +145,7 @@ def test_parity_command_catches_a_tampered_file(vmz_pickle, cli, tmp_path):
 
 
 def test_bad_parity_clip_is_refused(vmz_pickle, cli, tmp_path):
-    res = cli("convert", vmz_pickle("ir", 50), tmp_path / "o.pth", "--parity-clip", "4,224")
+    res = cli("convert", vmz_pickle("ircsn", 50), tmp_path / "o.pth", "--parity-clip", "4,224")
     assert_one_line_error(res, "T >= 8")
-    res = cli("convert", vmz_pickle("ir", 50), tmp_path / "o.pth", "--parity-clip", "eight")
+    res = cli("convert", vmz_pickle("ircsn", 50), tmp_path / "o.pth", "--parity-clip", "eight")
     assert_one_line_error(res, "T,H")

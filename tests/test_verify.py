@@ -138,7 +138,7 @@ def small_ckpt(vmz_pickle, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "ir50.pth"
     from vmzconv.convert import convert
 
-    convert(vmz_pickle("ir", 50), out, check_parity=False)
+    convert(vmz_pickle("ircsn", 50), out, check_parity=False)
     return out
 
 
@@ -183,7 +183,7 @@ def independent_probs(ckpt, video_path=None, raw_dir=None, total=None):
     mean = torch.tensor([110.201, 100.64, 95.9966]).view(1, 3, 1, 1, 1)
     std = torch.tensor([58.1489, 56.4701, 55.3324]).view(1, 3, 1, 1, 1)
     state, _ = checkpoint.load(ckpt)
-    model = build_model("mmaction2", Arch("ir", 50, 400))
+    model = build_model("mmaction2", Arch("ircsn", 50, 400))
     model.load_state_dict(state)
     torch.set_num_threads(1)
     with torch.no_grad():
@@ -313,7 +313,7 @@ def test_plain_mmaction2_checkpoint_needs_arch(dataset, small_ckpt, tmp_path):
 def test_expect_published_uses_the_zoo_numbers(vmz_pickle, dataset, tmp_path):
     from vmzconv.convert import convert
 
-    src = vmz_pickle.custom("irCSN_50_ft_kinetics_from_ig65m_f233743920.pkl", vmz_pickle.arrays("ir", 50))
+    src = vmz_pickle.custom("irCSN_50_ft_kinetics_from_ig65m_f233743920.pkl", vmz_pickle.arrays("ircsn", 50))
     ckpt = tmp_path / "zoo.pth"
     convert(src, ckpt, check_parity=False)
     proc = verify(ckpt, "--ann", dataset / "raw.txt", "--data-root", dataset, *ARGS, "--expect-published",

@@ -42,7 +42,7 @@ def test_zip_torch_save_renamed_pkl(cli, tmp_path):
 
 def test_our_own_pth_output_as_input(vmz_pickle, cli, tmp_path):
     out = tmp_path / "converted.pth"
-    assert cli("convert", vmz_pickle("ir", 50), out, "--no-parity").exit_code == 0
+    assert cli("convert", vmz_pickle("ircsn", 50), out, "--no-parity").exit_code == 0
     assert_one_line_error(cli("convert", out, tmp_path / "again.pth"), "PyTorch checkpoint")
 
 
@@ -72,7 +72,7 @@ def test_feature_extraction_output(cli, tmp_path):
 
 def test_audio_visual_model(cli, tmp_path):
     blobs = {("v_" + k if not k.startswith("last_out") else "v_" + k): v
-             for k, v in synth.seeded_blobs("ip", 50).items() if k.startswith(("conv1", "comp_0_", "last_out"))}
+             for k, v in synth.seeded_blobs("ipcsn", 50).items() if k.startswith(("conv1", "comp_0_", "last_out"))}
     blobs["a_conv1_w"] = np.zeros((64, 1, 3, 3), np.float32)
     p = wrong(tmp_path, "g_b_ip_csn_152_kinetics.pkl", synth.dumps_py2({"blobs": blobs}))
     res = cli("convert", p, tmp_path / "o.pth")
@@ -80,7 +80,7 @@ def test_audio_visual_model(cli, tmp_path):
 
 
 def test_max_bytes_limit(vmz_pickle, cli, tmp_path):
-    src = vmz_pickle("ir", 50)
+    src = vmz_pickle("ircsn", 50)
     res = cli("inspect", src, "--max-bytes", str(src.stat().st_size // 2))
     assert_one_line_error(res, "--max-bytes")
     assert cli("inspect", src).exit_code == 0
@@ -92,7 +92,7 @@ def test_max_bytes_limit(vmz_pickle, cli, tmp_path):
 def _pickles(folder, n, depth=50):
     folder.mkdir()
     for i in range(n):
-        synth.write_vmz_pickle(folder / f"m{i}.pkl", synth.seeded_blobs("ir", depth, 400, i))
+        synth.write_vmz_pickle(folder / f"m{i}.pkl", synth.seeded_blobs("ircsn", depth, 400, i))
     return folder
 
 
@@ -142,7 +142,7 @@ def test_sigint_during_bulk_exits_cleanly(tmp_path):
 
 def test_sigint_during_convert_leaves_nothing(vmz_pickle, tmp_path):
     out = tmp_path / "big.pth"
-    proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "convert", str(vmz_pickle("ip", 152)), str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "convert", str(vmz_pickle("ipcsn", 152)), str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.0)                                        # importing torch, reading, or in parity
     proc.send_signal(signal.SIGINT)
@@ -158,7 +158,7 @@ def test_sigint_during_verify_leaves_no_partial_files(vmz_pickle, tmp_path):
     from vmzconv.verify.synthetic import frames, write_video
 
     ckpt = tmp_path / "ir50.pth"
-    convert(vmz_pickle("ir", 50), ckpt, check_parity=False, card=False)
+    convert(vmz_pickle("ircsn", 50), ckpt, check_parity=False, card=False)
     data = tmp_path / "videos"
     data.mkdir()
     lines = []

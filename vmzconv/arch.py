@@ -1,102 +1,240 @@
-"""Which CSN a set of blobs describes, from names and shapes alone."""
+"""The VMZ model families, and which one (with depth, classes, stem kernel) a set of blobs describes.
+
+One :class:`Family` per VMZ model type holds what is true of that type: its depths, the
+block-conv builder its PyTorch trunk uses, its stem, whether VMZ ran it with ``pool1``, the
+test protocol its published numbers used, and how it is recognised from blob names and
+shapes. Detection asks each family in turn; the older VMZ families are named and refused.
+Adding a family is adding a ``Family`` here (plus its reference graph and mapping tables).
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from .blobs import Blobs
 from .errors import ArchError
 
-# Blocks per layer (MMAction2 ResNet3dCSN.arch_settings = VMZ BLOCK_CONFIG).
-LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-FAMILIES = ("ir", "ip")
-ARCH_NAMES = tuple(f"{f}csn_r{d}" for f in FAMILIES for d in LAYERS)
-_DEPTH_BY_BLOCKS = {sum(v): k for k, v in LAYERS.items()}
-# What VMZ's extract_features.py pickles instead of parameters (docs/vmz-caffe2-format.md §3).
+# VMZ BLOCK_CONFIG (c2/lib/models/r3d_model.py): blocks per layer. Depth 18/34 use simple blocks
+# with the shallow widths, 50+ bottlenecks with the deep ones.
+BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+SIMPLE_DEPTHS = (18, 34)
+# What VMZ's extract_features.py pickles instead of parameters.
 FEATURE_OUTPUTS = {"final_avg", "softmax", "label", "video_id"}
+
+
+def block_kind(depth: int) -> str:
+    return "simple" if depth in SIMPLE_DEPTHS else "bottleneck"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                          # arch names are f"{name}_r{depth}"
+    title: str                         # for people: "ir-CSN"
+    depths: tuple[int, ...]
+    conv_maker: str                    # the trunk's builder for the block's spatiotemporal conv
+    stem: str                          # "3d" (one 3xkx7x7 conv) or "2plus1d" (spatial conv, then temporal)
+    pool1: bool                        # VMZ's max-pool after the stem
+    protocol: dict                     # the test protocol behind the published numbers
+    parity_clip: tuple[int, int]       # default (T, H) of the fixed parity clip
+    recognise: Callable[[Blobs, set], bool] = field(repr=False, compare=False)
+    simple_marker: str | None = None   # blob whose presence means simple blocks (18/34)
+    mmaction2: dict | None = None      # MMAction2 backbone config, or None when MMAction2 cannot hold it
+    notes: str = ""
+
+    def arch_names(self) -> tuple[str, ...]:
+        return tuple(f"{self.name}_r{d}" for d in self.depths)
+
+
+def _shape(blobs: Blobs, name: str) -> tuple:
+    return tuple(blobs[name].shape) if name in blobs else ()
+
+
+def _is_ircsn(blobs: Blobs, names: set) -> bool:
+    s = _shape(blobs, "comp_0_conv_3_w")
+    return len(s) == 5 and s[1] == 1 and "comp_0_conv_2_w" not in names and "conv1_middle_w" not in names
+
+
+def _is_ipcsn(blobs: Blobs, names: set) -> bool:
+    s = _shape(blobs, "comp_0_conv_2_middle_w")
+    return len(s) == 5 and s[2:] == (1, 1, 1) and "conv1_middle_w" not in names
+
+
+def _is_r2plus1d(blobs: Blobs, names: set) -> bool:
+    return "conv1_middle_w" in names
+
+
+def _is_r3d(blobs: Blobs, names: set) -> bool:
+    if "conv1_middle_w" in names or "comp_0_conv_2_middle_w" in names:
+        return False
+    dense = [_shape(blobs, n) for n in ("comp_0_conv_1_w", "comp_0_conv_2_w")]
+    return any(len(s) == 5 and s[1] > 1 and s[2:] == (3, 3, 3) for s in dense)
+
+
+_CSN_PROTOCOL = dict(clip_len=32, frame_interval=2, num_clips=10, short_side=256, crop_size=256, num_crops=3)
+# VMZ's R(2+1)D/R3D test scripts: 10 uniformly spaced clips, one centre crop of 112 from frames
+# resized to 171x128 (video_res_type 0); clip length 8 or 32 depending on the model.
+_R21D_PROTOCOL = dict(clip_len=8, frame_interval=1, num_clips=10, short_side=128, crop_size=112, num_crops=1,
+                      resize=[171, 128])
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("ircsn", "ir-CSN", (50, 101, 152), "channelwise", "3d", True, _CSN_PROTOCOL, (8, 224), _is_ircsn,
+           mmaction2=dict(type="ResNet3dCSN", bottleneck_mode="ir")),
+    Family("ipcsn", "ip-CSN", (50, 101, 152), "ip_channelwise", "3d", True, _CSN_PROTOCOL, (8, 224), _is_ipcsn,
+           mmaction2=dict(type="ResNet3dCSN", bottleneck_mode="ip")),
+    Family("r2plus1d", "R(2+1)D", (18, 34, 50, 101, 152), "2plus1d", "2plus1d", False, _R21D_PROTOCOL, (8, 112),
+           _is_r2plus1d, simple_marker="comp_0_conv_1_middle_w"),
+    Family("r3d", "R3D", (18, 34, 50, 101, 152), "3d", "3d", False, _R21D_PROTOCOL, (8, 112), _is_r3d,
+           simple_marker="!comp_0_conv_3_w",
+           mmaction2=dict(type="ResNet3d", pretrained2d=False, conv1_kernel=(3, 7, 7), conv1_stride_t=1,
+                          pool1_stride_t=1, with_pool1=False, with_pool2=False, inflate=(1, 1, 1, 1),
+                          inflate_style="3x3x3", spatial_strides=(1, 2, 2, 2), temporal_strides=(1, 2, 2, 2))),
+)}
+ARCH_NAMES = tuple(n for f in FAMILIES.values() for n in f.arch_names())
 
 
 @dataclass(frozen=True)
 class Arch:
-    family: str            # "ir" (channel-separated) or "ip" (interaction-preserved)
-    depth: int             # 50, 101 or 152
+    family: str            # a key of FAMILIES
+    depth: int
     num_classes: int       # from last_out_L{N}
-    conv1_kt: int = 3      # temporal kernel of the stem conv
+    conv1_kt: int = 3      # temporal kernel of the stem's (temporal) conv
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ArchError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
+        if self.depth not in FAMILIES[self.family].depths:
+            raise ArchError(f"{FAMILIES[self.family].title} has no depth {self.depth}")
+
+    @property
+    def fam(self) -> Family:
+        return FAMILIES[self.family]
 
     @property
     def name(self) -> str:
-        return f"{self.family}csn_r{self.depth}"
+        return f"{self.family}_r{self.depth}"
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return LAYERS[self.depth]
+        return BLOCKS[self.depth]
+
+    @property
+    def kind(self) -> str:
+        return block_kind(self.depth)
+
+    @property
+    def feature_dim(self) -> int:
+        return 512 if self.kind == "simple" else 2048
 
     def describe(self) -> str:
         return f"{self.name} ({self.num_classes} classes, conv1 temporal kernel {self.conv1_kt})"
 
 
 def parse_arch_name(name: str) -> tuple[str, int]:
-    m = re.fullmatch(r"(ir|ip)csn_r(50|101|152)", name)
-    if not m:
+    m = re.fullmatch(r"([a-z0-9]+)_r(\d+)", name or "")
+    if not m or name not in ARCH_NAMES:
         raise ArchError(f"unknown --arch {name!r}; choose one of {', '.join(ARCH_NAMES)} or auto")
     return m.group(1), int(m.group(2))
 
 
-def detect(blobs: Blobs) -> Arch:
-    """Family, depth, classes and stem kernel of the CSN that ``blobs`` hold."""
-    names = set(blobs.names())
+# -- detection -------------------------------------------------------------------------------
+
+
+def _refuse_other_models(blobs: Blobs, names: set) -> None:
+    """The VMZ files vmzconv does not convert, each named."""
     src = blobs.source
     outputs = names & FEATURE_OUTPUTS
     if outputs and "conv1_w" not in names:
         raise ArchError(f"{src}: this is a VMZ feature-extraction output (activations such as "
                         f"{', '.join(sorted(outputs))}), not a model checkpoint")
-    if any(n.startswith(("v_comp_", "a_comp_", "v_conv1", "a_conv1")) for n in names):
+    if any(n.startswith(("v_comp_", "a_comp_", "v_conv1", "a_conv1", "v_last_out", "a_last_out")) for n in names):
         raise ArchError(f"{src}: an audio-visual VMZ model (v_/a_ prefixed blobs) — not supported")
-    if "conv1_middle_w" in names:
-        raise ArchError(f"{src}: an R(2+1)D model (conv1_middle_w) — only ir-CSN and ip-CSN are supported")
-    if "conv1_w" not in names:
+    if any(n.startswith(("conv1a_", "conv2a_", "conv3a_", "fc6_", "fc7_")) for n in names):
+        raise ArchError(f"{src}: a C3D model (conv1a/fc6 blobs) — not supported")
+    first = "conv1_middle_w" if "conv1_middle_w" in names else "conv1_w"
+    if first not in names:
         raise ArchError(f"{src}: no conv1_w blob — not a VMZ video model ({len(names)} blobs)")
-    conv1 = blobs["conv1_w"]
-    if conv1.ndim != 5 or conv1.shape[0] != 64 or conv1.shape[3:] != (7, 7):
-        raise ArchError(f"{src}: conv1_w has shape {list(conv1.shape)}, expected [64, 3, kT, 7, 7]")
-    if conv1.shape[1] != 3:
-        raise ArchError(f"{src}: conv1_w takes {conv1.shape[1]} input channels, not 3 (RGB) — flow models are not supported")
-    if conv1.shape[2] not in (3, 5):
-        raise ArchError(f"{src}: conv1_w temporal kernel {conv1.shape[2]} (VMZ allows 3 or 5)")
+    conv1 = _shape(blobs, first)
+    if len(conv1) != 5:
+        raise ArchError(f"{src}: {first} has shape {list(conv1)}, expected 5 dimensions")
+    if conv1[1] != 3:
+        kind = "an R(2+1)D-F / R2D-F model (frames folded into channels)" if conv1[1] % 3 == 0 and conv1[1] > 3 \
+            else "an optical-flow model"
+        raise ArchError(f"{src}: {first} takes {conv1[1]} input channels, not 3 (RGB) — {kind}; not supported")
+    if first == "conv1_w":
+        _refuse_2d_and_mixed(blobs, names)
 
+
+def _refuse_2d_and_mixed(blobs: Blobs, names: set) -> None:
+    """R2D, MCx and rMCx (VMZ 2018) share R3D's blob names; the temporal kernels of their 3x3
+    convolutions, group by group (conv1, then conv2_x ... conv5_x), give them away."""
+    if _is_ircsn(blobs, names) or _is_ipcsn(blobs, names):
+        return
+    layers = next((v for v in BLOCKS.values() if sum(v) == _block_count(names)), None)
+    if layers is None:
+        return
+    groups = [_shape(blobs, "conv1_w")[2]]
+    first = 0
+    for n in layers:
+        kts = {s[2] for j in range(first, first + n) for c in (1, 2, 3)
+               if len(s := _shape(blobs, f"comp_{j}_conv_{c}_w")) == 5 and s[3:] == (3, 3)}
+        groups.append(max(kts) if kts else 0)
+        first += n
+    src = blobs.source
+    if all(g <= 1 for g in groups):
+        raise ArchError(f"{src}: an R2D model (every convolution 2-D, temporal kernel 1) — not supported")
+    if groups[0] > 1 and 1 in groups:
+        k = groups.index(1) + 1
+        raise ArchError(f"{src}: an MC{k} model (3-D convolutions below conv{k}_x, 2-D from there) — not supported")
+    if groups[0] == 1:
+        k = next(i for i, g in enumerate(groups) if g > 1) + 1
+        raise ArchError(f"{src}: an rMC{k} model (2-D convolutions below conv{k}_x, 3-D from there) — not supported")
+
+
+def _block_count(names: set) -> int:
+    indices = {int(m.group(1)) for n in names if (m := re.match(r"comp_(\d+)_", n))}
+    return max(indices) + 1 if indices and len(indices) == max(indices) + 1 else 0
+
+
+def detect(blobs: Blobs) -> Arch:
+    """Family, depth, classes and stem kernel of the VMZ model that ``blobs`` hold."""
+    names = set(blobs.names())
+    src = blobs.source
+    _refuse_other_models(blobs, names)
+    fam = next((f for f in FAMILIES.values() if f.recognise(blobs, names)), None)
+    if fam is None:
+        raise ArchError(f"{src}: block 0 matches none of the VMZ families vmzconv knows "
+                        f"({', '.join(f.title for f in FAMILIES.values())})")
+    stem = _shape(blobs, "conv1_w")
+    want = (64, 45, None, 1, 1) if fam.stem == "2plus1d" else (64, 3, None, 7, 7)
+    if len(stem) != 5 or any(w is not None and s != w for s, w in zip(stem, want)):
+        shown = "[" + ", ".join("kT" if w is None else str(w) for w in want) + "]"
+        raise ArchError(f"{src}: conv1_w has shape {list(stem)}, a {fam.title} stem needs {shown}")
+    if stem[2] not in (3, 5):
+        raise ArchError(f"{src}: conv1_w temporal kernel {stem[2]} (VMZ allows 3 or 5)")
     indices = {int(m.group(1)) for n in names if (m := re.match(r"comp_(\d+)_", n))}
     if not indices:
         raise ArchError(f"{src}: no residual blocks (comp_*) found")
-    family = _family(blobs, names)
     count = max(indices) + 1
-    depth = _DEPTH_BY_BLOCKS.get(count)
+    marker = fam.simple_marker
+    if marker is None:
+        simple = False
+    elif marker.startswith("!"):
+        simple = marker[1:] not in names
+    else:
+        simple = marker in names
+    kind = "simple" if simple else "bottleneck"
+    depth = next((d for d in fam.depths if block_kind(d) == kind and sum(BLOCKS[d]) == count), None)
     if depth is None or len(indices) != count:
-        raise ArchError(
-            f"{src}: {len(indices)} residual blocks numbered up to {max(indices)}; "
-            f"CSN-50/101/152 have {', '.join(str(k) for k in sorted(_DEPTH_BY_BLOCKS))}"
-        )
+        known = ", ".join(f"{d}: {sum(BLOCKS[d])}" for d in fam.depths if block_kind(d) == kind)
+        raise ArchError(f"{src}: {len(indices)} {kind} {fam.title} blocks numbered up to {max(indices)}; "
+                        f"depths have ({known}) blocks")
     heads = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"last_out_L(\d+)_w", n)))
     if len(heads) != 1:
         found = ", ".join(f"last_out_L{h}_w" for h in heads) or "none"
         raise ArchError(f"{src}: expected exactly one classifier blob last_out_L<N>_w, found {found}")
-    return Arch(family, depth, heads[0], int(conv1.shape[2]))
-
-
-def _family(blobs: Blobs, names: set[str]) -> str:
-    src = blobs.source
-    if "comp_0_conv_2_middle_w" in names:
-        shape = blobs["comp_0_conv_2_middle_w"].shape
-        if len(shape) == 5 and shape[2:] == (1, 1, 1):
-            return "ip"
-        raise ArchError(f"{src}: comp_0_conv_2_middle_w has shape {list(shape)} — an R(2+1)D block, not ip-CSN")
-    if "comp_0_conv_3_w" in names and "comp_0_conv_2_w" not in names:
-        shape = blobs["comp_0_conv_3_w"].shape
-        if len(shape) == 5 and shape[1] == 1:
-            return "ir"
-    if "comp_0_conv_2_w" in names and blobs["comp_0_conv_2_w"].shape[1:2] != (1,):
-        raise ArchError(f"{src}: comp_0_conv_2_w is a dense 3-D conv — an R3D model, not CSN")
-    raise ArchError(f"{src}: block 0 matches neither ir-CSN (conv_3 channel-wise) nor ip-CSN (conv_2_middle)")
+    return Arch(fam.name, depth, heads[0], int(stem[2]))
 
 
 def resolve(blobs: Blobs, requested: str = "auto") -> Arch:

@@ -9,7 +9,6 @@ byte count equal to shape x itemsize, C or Fortran order) and built with
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import zipfile
@@ -138,13 +137,6 @@ def read_blobs(path: str | Path, max_bytes: int | None = None) -> Blobs:
         raise InputError(f"{source}: cannot read: {e.strerror or e}") from None
     blobs = _to_blobs(top, source, max_bytes if max_bytes is not None else 4 * size)
     blobs.sha256, blobs.size = sha, size
-    return blobs
-
-
-def blobs_from_bytes(data: bytes, source: str = "<bytes>", max_bytes: int | None = None) -> Blobs:
-    _sniff_wrong_file(data[:4096], source, io.BytesIO(data))
-    blobs = _to_blobs(picklevm.load(data, source), source, max_bytes if max_bytes is not None else 4 * len(data))
-    blobs.sha256, blobs.size = hashlib.sha256(data).hexdigest(), len(data)
     return blobs
 
 

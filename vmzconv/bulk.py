@@ -97,10 +97,10 @@ def plan(src: str | Path, out_dir: str | Path, target: str | None = None,
         o = overrides.get(str(s)) or overrides.get(str(s.resolve())) or {}
         entry = zoo.lookup(s.name)
         if entry:
-            name = entry["mmaction2_name"]
-            t = "mmaction2" if entry["kind"] == "recognizer" else "mmaction2-backbone"
+            name = entry["name"]
+            t = entry.get("target") or ("mmaction2" if entry["kind"] == "recognizer" else "mmaction2-backbone")
         else:
-            name, t = _safe_name(s.stem), "mmaction2"
+            name, t = _safe_name(s.stem), "auto"
         t = o.get("target") or target or t
         name = o.get("name") or name
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -121,20 +121,20 @@ def options_record(job: Job) -> dict:
     return {"arch": job.arch, "target": job.target}
 
 
-def up_to_date(job: Job, source_sha: str) -> bool:
-    from .checkpoint import load_meta
-
-    from .checkpoint import card_path
+def up_to_date(job: Job, source_sha: str) -> dict | None:
+    """The output's meta when it was made from these bytes, with these options, by this version; else None."""
+    from .checkpoint import card_path, load_meta
 
     out = Path(job.output)
     if not out.is_file() or not card_path(out).is_file():
-        return False
+        return None
     try:
         meta = load_meta(out)
     except VmzconvError:
-        return False
-    return (meta.get("vmzconv_version") == __version__ and (meta.get("source") or {}).get("sha256") == source_sha
-            and meta.get("options") == options_record(job) and (meta.get("parity") or {}).get("passed") is True)
+        return None
+    fresh = (meta.get("vmzconv_version") == __version__ and (meta.get("source") or {}).get("sha256") == source_sha
+             and meta.get("options") == options_record(job) and (meta.get("parity") or {}).get("passed") is True)
+    return meta if fresh else None
 
 
 def run_job(job: Job, force: bool) -> Row:
@@ -146,10 +146,8 @@ def run_job(job: Job, force: bool) -> Row:
     row = Row(file=job.source, status="failed", target=job.target, output=job.output)
     try:
         sha = sha256_file(job.source)
-        if not force and up_to_date(job, sha):
-            from .checkpoint import load_meta
-
-            meta = load_meta(Path(job.output))
+        meta = None if force else up_to_date(job, sha)
+        if meta is not None:
             row.status = "up-to-date"
             row.arch, row.classes, row.target = meta["arch"], meta["num_classes"], meta["target"]
             row.parity_max_diff = meta["parity"]["max_abs_diff"]
@@ -287,10 +285,10 @@ def table(rows: list[Row], out_dir: Path | None = None) -> list[list[str]]:
 
 def render_text(rows: list[Row], out_dir: Path | None = None) -> str:
     """The summary table, then one line per failure with its reason."""
+    from .text import render_table
+
     t = table(rows, out_dir)
-    widths = [max(len(r[i]) for r in t) for i in range(len(t[0]))]
-    lines = ["  ".join(c.rjust(w) if i == len(r) - 1 else c.ljust(w)
-                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in t]
+    lines = [render_table(t, right=(len(t[0]) - 1,))]
     lines += [f"failed  {Path(r.file).name}: {r.reason}" for r in rows if not r.ok]
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, OutputError
-from .files import write_atomic
+from .files import sha256_file, write_atomic
 
 SUFFIXES = (".pth", ".safetensors")
 META_KEY = "vmzconv_meta"
@@ -55,19 +55,11 @@ def _write_pth(f, state_dict, meta: dict) -> str:
 
 
 def _write_safetensors(f, state_dict, meta: dict) -> str:
-    from safetensors.torch import save
+    """``save_file`` writes straight into the (already opened, empty) temp file: no in-memory copy."""
+    from safetensors.torch import save_file
 
-    data = save(dict(state_dict), metadata=safetensors_metadata(meta))
-    f.write(data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def safetensors_metadata(meta: dict) -> dict[str, str]:
-    """Strings only: ``format=pt``, each meta field (JSON where structured), and the whole meta as JSON."""
-    out = {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)}
-    for key, value in meta.items():
-        out[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return out
+    save_file(dict(state_dict), f.name, metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
+    return sha256_file(f.name)
 
 
 def save(path: str | Path, state_dict, meta: dict, force: bool = False) -> str:
@@ -106,10 +98,8 @@ def card_path(out: Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-def write_card(out: Path, card: dict, force: bool = True) -> Path:
+def write_card(out: Path, card: dict) -> Path:
     path = card_path(out)
-    if path.exists() and not force:
-        raise OutputError(f"{path}: already exists (use --force to overwrite)")
     text = json.dumps(card, indent=2, sort_keys=True) + "\n"
     write_atomic(path, lambda f: f.write(text.encode()))
     return path

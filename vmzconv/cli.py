@@ -10,11 +10,14 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .arch import ARCH_NAMES
+from .arch import ARCH_NAMES, FAMILIES
 from .errors import CheckError, VmzconvError
-from .parity import DEFAULT_CLIP, DEFAULT_TOLERANCE, parse_clip
+from .parity import DEFAULT_TOLERANCE, parse_clip
+from .targets import DEFAULT_TARGET, TARGETS, TARGET_NAMES
 
-TARGET_NAMES = ("mmaction2", "mmaction2-backbone", "torchvision", "pytorchvideo")
+_FAMILY_LIST = ", ".join(f.title for f in FAMILIES.values())
+_TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
+_DEFAULT_TARGETS = ", ".join(f"{FAMILIES[f].title} -> {t}" for f, t in DEFAULT_TARGET.items())
 
 
 def _fail_cleanly(fn):
@@ -78,7 +81,7 @@ def _print_result(res, as_json: bool) -> None:
     if res.meta.get("zoo"):
         z = res.meta["zoo"]
         acc = ", ".join(f"{k} {v}" for k, v in z["published_accuracy"].items()) or "none published (pretraining only)"
-        rows.append(("zoo", f"{z['file']} -> {z['mmaction2_name']} ({z['kind']}; {acc})"))
+        rows.append(("zoo", f"{z['file']} -> {z['name']} ({z['kind']}; {acc})"))
     if res.card:
         rows.append(("card", res.card))
     rows += [("sha256", res.sha256), ("seconds", f"{res.seconds:.1f}")]
@@ -89,8 +92,9 @@ def _print_result(res, as_json: bool) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vmzconv")
 def main():
-    """Convert VMZ (Caffe2) ir-CSN / ip-CSN .pkl checkpoints into PyTorch checkpoints
-    that load strictly into MMAction2, and prove each one numerically.
+    """Convert VMZ (Caffe2) .pkl checkpoints (ir-CSN, ip-CSN, R(2+1)D, R3D) into PyTorch
+    checkpoints that load strictly into MMAction2 or torchvision-style models, and prove
+    each one numerically.
 
     Start with `vmzconv demo` (no downloads), then `vmzconv inspect FILE.pkl`
     and `vmzconv convert FILE.pkl OUT.pth`.
@@ -101,8 +105,9 @@ _max_bytes_option = click.option(
     "--max-bytes", type=click.IntRange(min=1), metavar="N",
     help="Refuse a file whose arrays would need more than N bytes of memory (default: 4 x the file size).")
 _parity_clip_option = click.option(
-    "--parity-clip", default=f"{DEFAULT_CLIP[0]},{DEFAULT_CLIP[1]}", show_default=True, metavar="T,H",
-    help="Frames and side of the fixed parity clip (1 x 3 x T x H x H).")
+    "--parity-clip", metavar="T,H",
+    help="Frames and side of the fixed parity clip (1 x 3 x T x H x H); default: the family's "
+         "(8,224 for CSN, 8,112 for R(2+1)D and R3D).")
 _tolerance_option = click.option(
     "--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
     help="Largest allowed absolute logit difference.")
@@ -113,12 +118,12 @@ _tolerance_option = click.option(
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--arch", type=click.Choice(("auto",) + ARCH_NAMES), default="auto", show_default=True,
               help="Expected architecture; a named one that disagrees with the blobs is an error.")
-@click.option("--target", type=click.Choice(TARGET_NAMES), default="mmaction2", show_default=True,
-              help="Output layout: mmaction2 (Recognizer3D, load_from=), mmaction2-backbone (pretrained=), "
-                   "torchvision (VMZ PyTorch hub), pytorchvideo (create_csn; ir-CSN only).")
+@click.option("--target", type=click.Choice(("auto",) + TARGET_NAMES), default="auto", show_default=True,
+              help=f"Output layout. {_TARGET_HELP}. auto: {_DEFAULT_TARGETS}.")
 @click.option("--keep-head", is_flag=True,
               help="Keep the classifier of a 359/487-class (IG-65M/Sports-1M pretraining) pickle; by default "
-                   "those become an mmaction2-backbone file.")
+                   "those become an mmaction2-backbone file with --target mmaction2 (torchvision and "
+                   "pytorchvideo files always keep the head).")
 @click.option("--publish", metavar="NAME",
               help="Write OUT/NAME_YYYYMMDD-<sha256[:8]>.pth (MMAction2 publish_model naming); OUT is then a folder.")
 @click.option("--date", metavar="YYYYMMDD", help="Date in the --publish name (default: today).")
@@ -146,13 +151,14 @@ def convert(src, out, arch, target, keep_head, publish, date, card, print_config
     Caffe2-semantics reference, and only then writes OUT atomically. Exit status:
     0 written, 1 parity failed, 2 bad input.
     """
-    from .convert import convert as run
+    from .convert import convert as convert_file
 
     stages = _Stages(quiet or as_json)
     try:
-        res = run(src, out, arch=arch, target=target, mapping_path=mapping_path, check_parity=check_parity,
-                  parity_clip=parse_clip(parity_clip), tolerance=tolerance, force=force, keep_head=keep_head,
-                  card=card, publish=publish, date=date, max_bytes=max_bytes, progress=stages)
+        res = convert_file(src, out, arch=arch, target=target, mapping_path=mapping_path, check_parity=check_parity,
+                           parity_clip=parse_clip(parity_clip), tolerance=tolerance, force=force,
+                           keep_head=keep_head, card=card, publish=publish, date=date, max_bytes=max_bytes,
+                           progress=stages)
     finally:
         stages.close()
     _print_result(res, as_json)
@@ -171,9 +177,9 @@ def convert(src, out, arch, target, keep_head, publish, date, card, print_config
 def inspect(src, max_bytes, as_json):
     """Show what SRC (a VMZ .pkl) holds: architecture, classes, blob and parameter
     counts, training leftovers and anything suspicious — without converting."""
-    from .convert import inspect as run
+    from .convert import inspect as inspect_file
 
-    report = run(src, max_bytes)
+    report = inspect_file(src, max_bytes)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -223,22 +229,21 @@ def parity(src, converted, parity_clip, tolerance, as_json):
 def zoo(as_json):
     """List the known VMZ CSN pickles: arch, classes, pretraining, what MMAction2 file each becomes,
     the normalisation its MMAction2 config uses, and the published accuracy."""
+    from .text import render_table
     from .zoo import entries
 
     rows = [dict(e) for e in entries()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    head = ["file", "arch", "classes", "pretrain", "kind", "mmaction2 name", "norm", "VMZ top1/5", "MMAction2 top1/5"]
+    head = ["file", "arch", "classes", "pretrain", "kind", "output name", "norm", "VMZ top1/5", "MMAction2 top1/5"]
 
     def acc(e, who):
         return f"{e[who + '_top1']}/{e[who + '_top5']}" if who + "_top1" in e else "-"
 
     table = [head] + [[e["file"], e["arch"], str(e["classes"]), e["pretrain"].split(" (")[0], e["kind"],
-                       e["mmaction2_name"], e["norm"], acc(e, "vmz"), acc(e, "mmaction2")] for e in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    for r in table:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+                       e["name"], e.get("norm", "-"), acc(e, "vmz"), acc(e, "mmaction2")] for e in rows]
+    click.echo(render_table(table))
 
 
 @main.command()
@@ -363,14 +368,15 @@ def verify(ckpt, ann, data_root, ann_format, arch, protocol_name, clip_len, fram
     vmzconv verify ...` the list is sharded over ranks and the metrics equal a single-process run.
     """
     from .verify.protocol import Protocol
-    from .verify.runner import Options, check_expectations, published_expectation, run, write_json
+    from .verify.runner import Options, check_expectations, published_expectation, write_json
+    from .verify.runner import run as run_verify
 
     p = Protocol(protocol_name, clip_len, frame_interval, num_clips, short_side, crop_size, num_crops)
     opts = Options(str(ckpt), ann, data_root, ann_format, arch, p, mean, std, norm, filename_tmpl, label_map,
                    device, precision, max_views, workers, cache, skip_bad, warmup=warmup, threads=threads, quiet=quiet)
     if expect_published and expect_top1 is None:          # known before the (long) run, not after
         expect_top1, expect_top5 = published_expectation(ckpt)
-    outcome = run(opts)
+    outcome = run_verify(opts)
     if not outcome.report:          # a non-zero rank under torchrun: rank 0 reports
         return
     rep, m = outcome.report, outcome.metrics
@@ -417,7 +423,7 @@ def demo(out_dir, arch, seed):
     of the real size and layout.
     """
     from .arch import parse_arch_name
-    from .convert import convert as run
+    from .convert import convert as convert_file
     from .synth import seeded_blobs, write_vmz_pickle
 
     family, depth = parse_arch_name(arch)
@@ -426,7 +432,7 @@ def demo(out_dir, arch, seed):
     click.echo(f"wrote    {pkl} (VMZ format, {pkl.stat().st_size / 1e6:.1f} MB, seed {seed})")
     stages = _Stages(False)
     try:
-        res = run(pkl, out_dir / f"demo_{arch}.pth", arch=arch, force=True, progress=stages)
+        res = convert_file(pkl, out_dir / f"demo_{arch}.pth", arch=arch, force=True, progress=stages)
     finally:
         stages.close()
     _print_result(res, False)

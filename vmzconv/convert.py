@@ -12,10 +12,8 @@ import numpy as np
 from . import __version__, arch as arch_mod, checkpoint, mapping, parity, zoo
 from .blobs import Blobs, read_blobs
 from .errors import MappingError, OutputError
-from .models import BN_EPS, build_model, check_target, fill, get_target
+from .targets import DEFAULT_TARGET, get_target
 
-VMZ_MEAN = zoo.NORMS["vmz"]["mean"]      # VMZ's RGB mean/std on 0-255 (Caffe2 video_input_op)
-VMZ_STD = zoo.NORMS["vmz"]["std"]
 PRETRAIN_ONLY_CLASSES = {359: "IG-65M", 487: "Sports-1M"}
 
 
@@ -37,13 +35,15 @@ class Result:
     meta: dict = field(default_factory=dict)
 
 
-def input_spec(mean=VMZ_MEAN, std=VMZ_STD) -> dict:
-    """What the converted model expects, and MMAction2's CSN test protocol that reaches the published numbers."""
-    return {
-        "channel_order": "RGB", "layout": "NCTHW", "value_range": "0-255", "mean": list(mean), "std": list(std),
-        "clip_len": 32, "frame_interval": 2, "num_clips": 10, "short_side": 256, "crop_size": 256, "num_crops": 3,
-        "aggregation": "softmax per view, mean over the 30 views (3 crops x 10 clips)",
-    }
+def input_spec(a: arch_mod.Arch) -> dict:
+    """What the converted model expects, and the test protocol behind its family's published numbers."""
+    norm = zoo.NORMS["vmz"]
+    spec = {"channel_order": "RGB", "layout": "NCTHW", "value_range": "0-255", "mean": list(norm["mean"]),
+            "std": list(norm["std"])}
+    spec.update(a.fam.protocol)
+    views = a.fam.protocol["num_clips"] * a.fam.protocol["num_crops"]
+    spec["aggregation"] = f"softmax per view, mean over the {views} views"
+    return spec
 
 
 def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table, mapped: mapping.Mapped,
@@ -54,13 +54,14 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
         "source": {"file": Path(blobs.source).name, "sha256": blobs.sha256, "bytes": int(blobs.size)},
         "arch": a.name,
         "family": a.family,
+        "family_title": a.fam.title,
         "depth": int(a.depth),
         "num_classes": int(a.num_classes),
         "conv1_temporal_kernel": int(a.conv1_kt),
         "target": target,
         "options": options,
         "mapping": {"table": table.name, "builtin": builtin_table, "sha256": table.sha256},
-        "input": input_spec(),
+        "input": input_spec(a),
         "blobs": {
             "total": len(blobs),
             "converted": len(blobs) - len(mapped.ignored) - len(mapped.dropped_blobs),
@@ -75,15 +76,20 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
     if entry is not None and entry["arch"] == a.name and entry["classes"] == a.num_classes:
         meta["zoo"] = {
             "file": entry["file"], "pretrain": entry["pretrain"], "kind": entry["kind"],
-            "mmaction2_name": entry["mmaction2_name"], "mmaction2_published": entry["mmaction2_published"],
-            "mmaction2_config_norm": entry["norm"], "mmaction2_config_mean_std": zoo.NORMS[entry["norm"]],
+            "name": entry["name"], "mmaction2_published": entry.get("mmaction2_published"),
+            "mmaction2_config_norm": entry.get("norm"),
+            "mmaction2_config_mean_std": zoo.NORMS[entry["norm"]] if entry.get("norm") else None,
             "published_accuracy": zoo.published_accuracy(entry),
         }
     return meta
 
 
 def choose_target(a: arch_mod.Arch, target: str, keep_head: bool) -> tuple[str, list[str]]:
-    """Pretraining-only class counts go to MMAction2 as a backbone unless the head is wanted."""
+    """``auto`` is the family's usual layout; pretraining-only class counts go to MMAction2 as a
+    backbone unless the head is wanted (layouts that always keep the head ignore --keep-head)."""
+    if target in (None, "", "auto"):
+        target = DEFAULT_TARGET[a.family]
+    get_target(target).check(a.family, a.name)
     if target == "mmaction2" and a.num_classes in PRETRAIN_ONLY_CLASSES and not keep_head:
         return "mmaction2-backbone", [
             f"{a.num_classes} classes = {PRETRAIN_ONLY_CLASSES[a.num_classes]} pretraining: written as an MMAction2 "
@@ -91,32 +97,30 @@ def choose_target(a: arch_mod.Arch, target: str, keep_head: bool) -> tuple[str, 
     return target, []
 
 
-def map_blobs(blobs: Blobs, a: arch_mod.Arch, target: str = "mmaction2", mapping_path: str | Path | None = None,
-              with_pool1: bool = True, bn_eps: float = BN_EPS):
-    """Build the target model, fill it through the table, and load it with ``strict=True``."""
-    check_target(target, a)
+def map_blobs(blobs: Blobs, a: arch_mod.Arch, target: str, mapping_path: str | Path | None = None):
+    """Build the target model on the meta device, fill it through the table; returns (model, table, mapped)."""
+    from .models import build_model, fill
+
     table_path = Path(mapping_path) if mapping_path else mapping.builtin_table_path(a.family, target)
     table = mapping.load_table(table_path)
     if table.target != target:
         raise MappingError(f"mapping table {table.name} is for target {table.target}, not {target}")
-    model = build_model(target, a, with_pool1=with_pool1, bn_eps=bn_eps, empty=True)
+    model = build_model(target, a, empty=True)
     mapped = mapping.apply(table, a, blobs, model.state_dict())
     fill(model, mapped.state_dict)
     return model, table, mapped
 
 
-def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = "mmaction2",
+def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = "auto",
             mapping_path: str | Path | None = None, check_parity: bool = True,
-            parity_clip=parity.DEFAULT_CLIP, tolerance: float = parity.DEFAULT_TOLERANCE,
+            parity_clip=None, tolerance: float = parity.DEFAULT_TOLERANCE,
             force: bool = False, keep_head: bool = False, card: bool = True,
             publish: str | None = None, date: str | None = None, max_bytes: int | None = None,
-            with_pool1: bool = True, bn_eps: float = BN_EPS, progress=None) -> Result:
+            progress=None) -> Result:
     """Convert one VMZ pickle. Raises a VmzconvError (and writes nothing) on any failure.
 
     ``out`` is the output file, or with ``publish`` the folder that receives
-    ``PUBLISH_YYYYMMDD-<sha8>.pth``. ``with_pool1`` and ``bn_eps`` change the PyTorch
-    model only (never the reference): they exist so tests can prove that parity
-    catches such mistakes.
+    ``PUBLISH_YYYYMMDD-<sha8>.pth``. ``parity_clip`` (T, H) defaults to the family's.
     """
     step = progress or (lambda name: None)
     t0 = time.perf_counter()
@@ -130,12 +134,13 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
     a = arch_mod.resolve(blobs, arch)
     target, notes = choose_target(a, target, keep_head)
     step("map")
-    model, table, mapped = map_blobs(blobs, a, target, mapping_path, with_pool1, bn_eps)
+    model, table, mapped = map_blobs(blobs, a, target, mapping_path)
     verdict = None
     if check_parity:
         step("parity")
         head = mapped.dropped if not get_target(target).has_head else None
-        verdict = parity.run(blobs, a, target, model, head=head, clip_size=parity_clip, tolerance=tolerance)
+        verdict = parity.run(blobs, a, model, head=head, clip_size=parity_clip or a.fam.parity_clip,
+                             tolerance=tolerance)
         parity.require(verdict, str(src))
     step("write")
     meta = build_meta(blobs, a, target, table, mapped, verdict, builtin_table=mapping_path is None, notes=notes,
@@ -151,65 +156,60 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
                   round(time.perf_counter() - t0, 3), card_file, meta)
 
 
+def _py(value) -> str:
+    """A config value as MMAction2's Python configs write it."""
+    if isinstance(value, dict):
+        return "dict(" + ", ".join(f"{k}={_py(v)}" for k, v in value.items()) + ")"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_py(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)
+
+
 def mmaction2_config(res: Result) -> str:
-    """The MMAction2 (1.x) config fields that load a converted file, with the matching normalisation."""
+    """The MMAction2 (1.x) model config that loads a converted file, with the matching normalisation."""
     meta = res.meta
+    a = arch_mod.Arch(meta["family"], meta["depth"], meta["num_classes"], meta["conv1_temporal_kernel"])
     path = str(Path(res.output).resolve())
     norm = meta["input"]
+    if res.target not in ("mmaction2", "mmaction2-backbone"):
+        return (f"# {res.target} layout: model.load_state_dict(torch.load('{path}')['state_dict'], strict=True)\n"
+                f"# input: RGB, NCTHW, 0-255, mean {norm['mean']}, std {norm['std']}")
     zoo_info = meta.get("zoo")
-    lines = [f"# MMAction2 config for {Path(path).name} ({meta['arch']}, {meta['num_classes']} classes)"]
+    lines = [f"# MMAction2 config for {Path(path).name} ({a.name}, {a.num_classes} classes)"]
     if zoo_info and zoo_info["mmaction2_config_norm"] != "vmz":
         lines.append(f"# The published MMAction2 config for this model normalises with {zoo_info['mmaction2_config_norm']} "
                      f"mean/std {zoo_info['mmaction2_config_mean_std']}; VMZ trained it with the values below.")
-    backbone = f"type='ResNet3dCSN', depth={meta['depth']}, bottleneck_mode='{meta['family']}'"
-    preprocessor = (f"data_preprocessor=dict(type='ActionDataPreprocessor', mean={norm['mean']}, "
-                    f"std={norm['std']}, format_shape='NCTHW')")
+    backbone = dict(a.fam.mmaction2) | {"depth": a.depth,
+                                        "norm_cfg": {"type": "BN3d", "requires_grad": True, "eps": 1e-3}}
+    if a.conv1_kt != 3:
+        backbone["conv1_kernel"] = (a.conv1_kt, 7, 7)
+    backbone["pretrained"] = path if res.target == "mmaction2-backbone" else None
+    model = {"type": "Recognizer3D", "backbone": backbone,
+             "cls_head": {"type": "I3DHead", "num_classes": a.num_classes, "in_channels": a.feature_dim,
+                          "spatial_type": "avg", "dropout_ratio": 0.5, "average_clips": "prob"},
+             "data_preprocessor": {"type": "ActionDataPreprocessor", "mean": norm["mean"], "std": norm["std"],
+                                   "format_shape": "NCTHW"}}
+    lines.append("model = " + _py(model))
     if res.target == "mmaction2":
-        lines += ["model = dict(",
-                  f"    backbone=dict({backbone}, pretrained=None),",
-                  f"    cls_head=dict(num_classes={meta['num_classes']}),",
-                  f"    {preprocessor})",
-                  f"load_from = '{path}'"]
-    elif res.target == "mmaction2-backbone":
-        lines += ["model = dict(",
-                  f"    backbone=dict({backbone}, pretrained='{path}'),",
-                  f"    {preprocessor})"]
-    else:
-        return (f"# {res.target} layout: model.load_state_dict(torch.load('{path}')['state_dict'], strict=True)\n"
-                f"# input: RGB, NCTHW, 0-255, mean {norm['mean']}, std {norm['std']}")
+        lines.append(f"load_from = '{path}'")
     lines.append(f"# MMAction2 0.x instead: img_norm_cfg = dict(mean={norm['mean']}, std={norm['std']}, to_bgr=False)")
     return "\n".join(lines)
 
 
-def parity_of(src: str | Path, converted: str | Path, clip=parity.DEFAULT_CLIP,
+def parity_of(src: str | Path, converted: str | Path, clip=None,
               tolerance: float = parity.DEFAULT_TOLERANCE) -> tuple[arch_mod.Arch, str, parity.Verdict]:
-    """Parity of an existing converted file against the pickle it came from."""
+    """Parity of an existing converted file (ours, or any checkpoint in a known layout) against its pickle."""
+    from .load import load_converted
+
     blobs = read_blobs(src)
     a = arch_mod.detect(blobs)
-    state, meta = checkpoint.load(converted)
-    target = meta.get("target") or guess_target(state)
-    model = build_model(target, a, empty=True)
-    try:
-        fill(model, state)
-    except RuntimeError as e:
-        raise MappingError(f"{converted}: does not load strictly into {a.name} ({target}): {str(e).splitlines()[0][:300]}") from None
+    conv = load_converted(converted, a)
     head = None
-    if not get_target(target).has_head:
-        table = mapping.load_table(mapping.builtin_table_path(a.family, target))
+    if not conv.target.has_head:
+        table = mapping.load_table(mapping.builtin_table_path(a.family, conv.target.name))
         head = {role: blobs[b] for b, role in mapping.expand(table, a).dropped.items()}
-    return a, target, parity.run(blobs, a, target, model, head=head, clip_size=clip, tolerance=tolerance)
-
-
-def guess_target(state) -> str:
-    """For checkpoints without our meta (e.g. MMAction2's own files): tell the layouts apart by their keys."""
-    keys = set(state)
-    if any(k.startswith("backbone.") for k in keys):
-        return "mmaction2"
-    if "stem.0.weight" in keys:
-        return "torchvision"
-    if "blocks.0.conv.weight" in keys:
-        return "pytorchvideo"
-    return "mmaction2-backbone"
+    verdict = parity.run(blobs, a, conv.model, head=head, clip_size=clip or a.fam.parity_clip, tolerance=tolerance)
+    return a, conv.target.name, verdict
 
 
 def inspect(src: str | Path, max_bytes: int | None = None) -> dict:
@@ -224,11 +224,14 @@ def inspect(src: str | Path, max_bytes: int | None = None) -> dict:
         "dtypes": sorted({str(a.dtype) for a in blobs.arrays.values()}),
         "notes": list(blobs.notes),
     }
-    table = mapping.load_table(mapping.builtin_table_path(a.family, "mmaction2"))
+    from .models import build_model
+
+    target = DEFAULT_TARGET[a.family]
+    table = mapping.load_table(mapping.builtin_table_path(a.family, target))
     wanted = {b for b, _ in mapping.expand(table, a).pairs}
     ignored, refused, unknown = mapping.sort_leftovers(blobs.names(), wanted)
     missing = sorted(wanted - set(blobs.names()))
-    model = build_model("mmaction2", a, empty=True)
+    model = build_model(target, a, empty=True)
     params = int(sum(p.numel() for p in model.parameters()))
     report.update(
         arch=a.name, family=a.family, depth=a.depth, num_classes=a.num_classes, conv1_temporal_kernel=a.conv1_kt,

@@ -36,7 +36,8 @@ def write_atomic(path: Path, write, rename=None):
         raise OutputError(f"{path}: cannot write here: {e.strerror or e}") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())           # mkstemp makes 0600; outputs get the usual mode
-        with os.fdopen(fd, "wb") as f:
+        os.close(fd)
+        with open(tmp, "wb") as f:                 # f.name is the temp path, for writers that want one
             result = write(f)
             f.flush()
             os.fsync(f.fileno())

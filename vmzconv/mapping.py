@@ -34,9 +34,9 @@ def mappings_dir() -> Path:
 
 
 def builtin_table_path(family: str, target: str) -> Path:
-    path = mappings_dir() / f"{family}csn.{target}.toml"
+    path = mappings_dir() / f"{family}.{target}.toml"
     if not path.is_file():
-        raise MappingError(f"no built-in mapping table for {family}-CSN -> {target} ({path.name})")
+        raise MappingError(f"no built-in mapping table for {family} -> {target} ({path.name})")
     return path
 
 
@@ -193,7 +193,7 @@ class Mapped:
 def apply(table: Table, arch: Arch, blobs: Blobs, expected: "OrderedDict[str, torch.Tensor]") -> Mapped:
     """Fill ``expected`` (a model's state_dict) from ``blobs`` through ``table``."""
     if table.family != arch.family:
-        raise MappingError(f"mapping table {table.name} is for {table.family}-CSN, the blobs are {arch.name}")
+        raise MappingError(f"mapping table {table.name} is for {table.family}, the blobs are {arch.name}")
     plan = expand(table, arch)
     src = blobs.source
     seen_blobs: dict[str, str] = {}

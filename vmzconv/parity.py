@@ -3,7 +3,7 @@
 Both sides see the same fixed clip. The clip is closed-form, so anyone can
 rebuild it: element j (flat C-order index, float64) of an N x 3 x T x H x W
 array is ``sin(0.013*j + 0.5) + 0.5*cos(0.0071*j)``, cast to float32 and fed
-as already-normalised input. (It is the clip of shared/golden's GOLDEN-1 recipe.)
+as already-normalised input. (The clip of the recipe behind tests/golden's Caffe2 logits.)
 """
 
 from __future__ import annotations
@@ -16,17 +16,20 @@ import numpy as np
 from . import reference
 from .errors import CheckError, VmzconvError
 
-DEFAULT_CLIP = (8, 224)       # T, H (= W)
+DEFAULT_CLIP = (8, 224)       # T, H (= W); each family has its own default (Family.parity_clip)
 DEFAULT_TOLERANCE = 1e-4      # max |logit difference|
 
 
-def fixed_clip(t: int = DEFAULT_CLIP[0], h: int = DEFAULT_CLIP[1], w: int | None = None, n: int = 1) -> np.ndarray:
-    w = h if w is None else w
-    j = np.arange(n * 3 * t * h * w, dtype=np.float64)
-    return (np.sin(0.013 * j + 0.5) + 0.5 * np.cos(0.0071 * j)).astype(np.float32).reshape(n, 3, t, h, w)
+def fixed_clip(t: int = DEFAULT_CLIP[0], h: int = DEFAULT_CLIP[1], n: int = 1) -> np.ndarray:
+    """The closed-form N x 3 x T x H x H clip (see the module docstring)."""
+    j = np.arange(n * 3 * t * h * h, dtype=np.float64)
+    return (np.sin(0.013 * j + 0.5) + 0.5 * np.cos(0.0071 * j)).astype(np.float32).reshape(n, 3, t, h, h)
 
 
-def parse_clip(text: str) -> tuple[int, int]:
+def parse_clip(text: str | None) -> tuple[int, int] | None:
+    """``T,H`` from the command line; None (the family's default) when not given."""
+    if text is None:
+        return None
     try:
         t, h = (int(v) for v in text.split(","))
     except ValueError:
@@ -96,7 +99,7 @@ def compare(ours: np.ndarray, ref: np.ndarray, tolerance: float = DEFAULT_TOLERA
     return Verdict(not reason, max_abs, max_rel, worst, top1, top5, tolerance, list(clip), reason, 0.0, 0.0)
 
 
-def run(blobs, arch, target: str, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
+def run(blobs, arch, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
         tolerance: float = DEFAULT_TOLERANCE) -> Verdict:
     """Run both sides on the fixed clip and return the verdict (never raises on a mismatch)."""
     from .models import logits  # torch is only needed for this side
@@ -105,7 +108,7 @@ def run(blobs, arch, target: str, model, head: dict | None = None, clip_size=DEF
     t0 = time.perf_counter()
     ref = reference.forward(blobs.arrays, arch.family, arch.depth, arch.num_classes, clip)
     t1 = time.perf_counter()
-    ours = logits(target, model, clip, head)
+    ours = logits(model, clip, head)
     t2 = time.perf_counter()
     verdict = compare(ours, ref, tolerance, clip.shape)
     verdict.reference_seconds = round(t1 - t0, 3)

@@ -1,23 +1,28 @@
-"""The parity oracle: VMZ's Caffe2 test-time graph for ir-/ip-CSN, in float64 NumPy.
+"""The parity oracle: VMZ's Caffe2 test-time graph for every supported family, in float64 NumPy.
 
-Built from VMZ's construction rules (``c2/lib/models/r3d_model.py`` and
-``builder/video_model.py``, summarised in docs/vmz-caffe2-format.md §2 and §4)
-and the Caffe2 blob names. It deliberately shares nothing with the conversion
-path: no torch, no mapping tables, no PyTorch model. Op semantics follow Caffe2:
+Built from VMZ's construction rules (``c2/lib/models/r3d_model.py``: ``create_model``,
+``create_r3d``, BLOCK_CONFIG; ``builder/video_model.py``: ``add_bottleneck``,
+``add_simple_block``, ``add_conv``, ``add_channelwise_conv``, ``add_spatial_bn``) and the Caffe2
+blob names. It deliberately shares nothing with the conversion path: no torch, no mapping
+tables, no PyTorch model. Op semantics follow Caffe2:
 
-* Conv: NCTHW cross-correlation, zero padding, symmetric pads, no bias;
-  channel-wise (group = C) for the 3x3x3 conv of CSN blocks.
-* SpatialBN (is_test): y = s * (x - rm) / sqrt(riv + 1e-3) + b (``_riv`` is the
-  running variance).
-* ReLU after the stem BN, after BN_1, after the BN of the 3x3x3 channel-wise
-  conv, and after the residual Sum — not after ip-CSN's ``spatbn_2_middle``
-  and not after a block's last BN.
-* MaxPool ``pool1``: kernel (1,3,3), stride (1,2,2), pad (0,1,1).
-* Head: average over T, H, W (VMZ's ``final_avg`` at 8x224x224 is exactly
-  this; for other clip sizes parity compares under global pooling), then FC.
+* Conv: NCTHW cross-correlation, zero padding, symmetric pads, no bias; channel-wise
+  (group = C) for the 3x3x3 conv of CSN blocks; R(2+1)D's (2+1)-D conv is a spatial
+  ``_middle`` conv (1x3x3) + BN + ReLU, then a temporal conv (3x1x1), with VMZ's middle width
+  int(3*Cin*Cout*9 / (9*Cin + 3*Cout)) per conv (45 in the stem).
+* SpatialBN (is_test): y = s * (x - rm) / sqrt(riv + 1e-3) + b (``_riv`` is the running variance).
+* ReLU after every BN inside a block and after the residual Sum, never after a block's last BN
+  (``spatbn_2`` of a simple block, the last ``spatbn`` of a bottleneck), and not after ip-CSN's
+  ``spatbn_2_middle``.
+* MaxPool ``pool1`` (CSN only): kernel (1,3,3), stride (1,2,2), pad (0,1,1).
+* Strides: the first block of layers 2-4 strides 2 in T, H and W (on its spatiotemporal conv
+  and its shortcut; the spatial part of a (2+1)-D conv takes the H/W stride, the temporal part
+  the T stride).
+* Head: average over T, H, W (VMZ's ``final_avg`` at the default clip is exactly this; for other
+  clip sizes parity compares under global pooling), then FC.
 
-Vectorised: 1x1x1 convs are matmuls, the channel-wise conv is 27 shifted
-multiply-adds, the stem conv is im2col + matmul per output frame.
+Vectorised: 1x1x1 convs are matmuls, the channel-wise conv is 27 shifted multiply-adds, dense
+convs are im2col + matmul per output frame.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ from typing import Iterator, Mapping
 import numpy as np
 
 BN_EPS = 1e-3
-# VMZ BLOCK_CONFIG for the bottleneck depths CSN supports.
-BLOCK_CONFIG = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-# DEEP filter config: (output width, bottleneck width) per stage.
-STAGE_WIDTHS = ((256, 64), (512, 128), (1024, 256), (2048, 512))
+# VMZ BLOCK_CONFIG; depth 18/34 build simple blocks with the SHALLOW widths, 50+ bottlenecks with DEEP.
+BLOCK_CONFIG = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+SHALLOW = ((64, 64), (128, 128), (256, 256), (512, 512))           # (output width, base width) per stage
+DEEP = ((256, 64), (512, 128), (1024, 256), (2048, 512))
 STEM_WIDTH = 64
+R2PLUS1D_STEM_MIDDLE = 45
 BN_SUFFIXES = ("_s", "_b", "_rm", "_riv")
+FAMILIES = ("ircsn", "ipcsn", "r2plus1d", "r3d")
+CSN = ("ircsn", "ipcsn")
 
 
 @dataclass(frozen=True)
@@ -44,19 +52,26 @@ class Block:
     dim_out: int
     stride: int       # 1, or 2 on T, H and W for the first block of stages 3-5
     projection: bool
+    simple: bool
 
 
 def blocks(depth: int) -> Iterator[Block]:
-    """VMZ's block enumeration for a bottleneck CSN of ``depth``."""
+    """VMZ's block enumeration for ``depth``."""
     if depth not in BLOCK_CONFIG:
-        raise ValueError(f"CSN depth must be one of {sorted(BLOCK_CONFIG)}, not {depth}")
+        raise ValueError(f"depth must be one of {sorted(BLOCK_CONFIG)}, not {depth}")
+    simple = depth in (18, 34)
     index, dim_in = 0, STEM_WIDTH
     for stage, n in enumerate(BLOCK_CONFIG[depth]):
-        dim_out, base = STAGE_WIDTHS[stage]
+        dim_out, base = (SHALLOW if simple else DEEP)[stage]
         for j in range(n):
             down = stage > 0 and j == 0
-            yield Block(index, dim_in, base, dim_out, 2 if down else 1, dim_in != dim_out or down)
+            yield Block(index, dim_in, base, dim_out, 2 if down else 1, dim_in != dim_out or down, simple)
             index, dim_in = index + 1, dim_out
+
+
+def middle(cin: int, cout: int) -> int:
+    """VMZ add_conv's (2+1)-D middle width for a 3x3x3 conv (true division, then int)."""
+    return int(3 * cin * cout * 3 * 3 / (cin * 3 * 3 + 3 * cout))
 
 
 def blob_role(name: str) -> str:
@@ -73,25 +88,57 @@ def _bn(name: str, c: int) -> list[tuple[str, tuple]]:
     return [(name + s, (c,)) for s in BN_SUFFIXES]
 
 
+def _conv_bn(conv: str, bn: str, shape: tuple) -> list[tuple[str, tuple]]:
+    return [(conv, shape)] + _bn(bn, shape[0])
+
+
+def _block_specs(family: str, b: Block) -> list[tuple[str, tuple]]:
+    p = f"comp_{b.index}_"
+    if b.simple:
+        if family == "r3d":
+            return (_conv_bn(p + "conv_1_w", p + "spatbn_1", (b.dim_out, b.dim_in, 3, 3, 3))
+                    + _conv_bn(p + "conv_2_w", p + "spatbn_2", (b.dim_out, b.dim_out, 3, 3, 3)))
+        m1, m2 = middle(b.dim_in, b.dim_out), middle(b.dim_out, b.dim_out)
+        return (_conv_bn(p + "conv_1_middle_w", p + "spatbn_1_middle", (m1, b.dim_in, 1, 3, 3))
+                + _conv_bn(p + "conv_1_w", p + "spatbn_1", (b.dim_out, m1, 3, 1, 1))
+                + _conv_bn(p + "conv_2_middle_w", p + "spatbn_2_middle", (m2, b.dim_out, 1, 3, 3))
+                + _conv_bn(p + "conv_2_w", p + "spatbn_2", (b.dim_out, m2, 3, 1, 1)))
+    specs = _conv_bn(p + "conv_1_w", p + "spatbn_1", (b.base, b.dim_in, 1, 1, 1))
+    if family == "ircsn":
+        specs += _conv_bn(p + "conv_3_w", p + "spatbn_3", (b.base, 1, 3, 3, 3))
+        specs += _conv_bn(p + "conv_4_w", p + "spatbn_4", (b.dim_out, b.base, 1, 1, 1))
+        return specs
+    if family == "ipcsn":
+        specs += _conv_bn(p + "conv_2_middle_w", p + "spatbn_2_middle", (b.base, b.base, 1, 1, 1))
+        specs += _conv_bn(p + "conv_2_w", p + "spatbn_2", (b.base, 1, 3, 3, 3))
+    elif family == "r2plus1d":
+        m = middle(b.base, b.base)
+        specs += _conv_bn(p + "conv_2_middle_w", p + "spatbn_2_middle", (m, b.base, 1, 3, 3))
+        specs += _conv_bn(p + "conv_2_w", p + "spatbn_2", (b.base, m, 3, 1, 1))
+    else:
+        specs += _conv_bn(p + "conv_2_w", p + "spatbn_2", (b.base, b.base, 3, 3, 3))
+    return specs + _conv_bn(p + "conv_3_w", p + "spatbn_3", (b.dim_out, b.base, 1, 1, 1))
+
+
 def blob_specs(family: str, depth: int, classes: int, conv1_kt: int = 3) -> list[tuple[str, tuple]]:
-    """Every parameter blob (name, shape) a VMZ ``family`` CSN checkpoint holds, in graph order."""
-    if family not in ("ir", "ip"):
-        raise ValueError(f"family must be 'ir' or 'ip', not {family!r}")
-    specs = [("conv1_w", (STEM_WIDTH, 3, conv1_kt, 7, 7))] + _bn("conv1_spatbn_relu", STEM_WIDTH)
+    """Every parameter blob (name, shape) a VMZ ``family`` checkpoint holds, in graph order."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    if family in CSN and depth in (18, 34):
+        raise ValueError("CSN exists only as a bottleneck network (depth 50, 101, 152)")
+    if family == "r2plus1d":
+        m = R2PLUS1D_STEM_MIDDLE
+        specs = (_conv_bn("conv1_middle_w", "conv1_middle_spatbn_relu", (m, 3, 1, 7, 7))
+                 + _conv_bn("conv1_w", "conv1_spatbn_relu", (STEM_WIDTH, m, conv1_kt, 1, 1)))
+    else:
+        specs = _conv_bn("conv1_w", "conv1_spatbn_relu", (STEM_WIDTH, 3, conv1_kt, 7, 7))
     for b in blocks(depth):
-        p = f"comp_{b.index}_"
-        specs += [(p + "conv_1_w", (b.base, b.dim_in, 1, 1, 1))] + _bn(p + "spatbn_1", b.base)
-        if family == "ir":
-            specs += [(p + "conv_3_w", (b.base, 1, 3, 3, 3))] + _bn(p + "spatbn_3", b.base)
-            specs += [(p + "conv_4_w", (b.dim_out, b.base, 1, 1, 1))] + _bn(p + "spatbn_4", b.dim_out)
-        else:
-            specs += [(p + "conv_2_middle_w", (b.base, b.base, 1, 1, 1))] + _bn(p + "spatbn_2_middle", b.base)
-            specs += [(p + "conv_2_w", (b.base, 1, 3, 3, 3))] + _bn(p + "spatbn_2", b.base)
-            specs += [(p + "conv_3_w", (b.dim_out, b.base, 1, 1, 1))] + _bn(p + "spatbn_3", b.dim_out)
+        specs += _block_specs(family, b)
         if b.projection:
             q = f"shortcut_projection_{b.index}"
-            specs += [(q + "_w", (b.dim_out, b.dim_in, 1, 1, 1))] + _bn(q + "_spatbn", b.dim_out)
-    specs += [(f"last_out_L{classes}_w", (classes, STAGE_WIDTHS[-1][0])), (f"last_out_L{classes}_b", (classes,))]
+            specs += _conv_bn(q + "_w", q + "_spatbn", (b.dim_out, b.dim_in, 1, 1, 1))
+    width = (SHALLOW if depth in (18, 34) else DEEP)[-1][0]
+    specs += [(f"last_out_L{classes}_w", (classes, width)), (f"last_out_L{classes}_b", (classes,))]
     return specs
 
 
@@ -166,29 +213,82 @@ def max_pool_133(x: np.ndarray) -> np.ndarray:
 # -- the graph -------------------------------------------------------------------
 
 
-def forward(blobs: Mapping[str, np.ndarray], family: str, depth: int, classes: int, clip: np.ndarray) -> np.ndarray:
-    """Logits [N, classes] of the VMZ test graph on ``clip`` (N, 3, T, H, W, already normalised)."""
-    def w(name: str) -> np.ndarray:
-        return np.asarray(blobs[name], dtype=np.float64)
+def _bn_relu(x: np.ndarray, blobs, name: str, with_relu: bool = True) -> np.ndarray:
+    y = spatial_bn(x, blobs, name)
+    return relu(y) if with_relu else y
 
+
+def _conv_2plus1d(x, blobs, conv: str, bn: str, stride: int, with_relu: bool) -> np.ndarray:
+    """``conv``_middle (1x3x3, H/W stride) + BN + ReLU, then ``conv`` (3x1x1, T stride) + BN [+ ReLU]."""
+    y = conv_dense(x, _w(blobs, conv + "_middle_w"), (1, stride, stride), (0, 1, 1))
+    y = _bn_relu(y, blobs, bn + "_middle")
+    y = conv_dense(y, _w(blobs, conv + "_w"), (stride, 1, 1), (1, 0, 0))
+    return _bn_relu(y, blobs, bn, with_relu)
+
+
+def _w(blobs, name: str) -> np.ndarray:
+    return np.asarray(blobs[name], dtype=np.float64)
+
+
+def _block(x: np.ndarray, blobs, family: str, b: Block) -> np.ndarray:
+    p = f"comp_{b.index}_"
+    s = b.stride
+    if b.simple and family == "r3d":
+        y = _bn_relu(conv_dense(x, _w(blobs, p + "conv_1_w"), (s,) * 3, (1,) * 3), blobs, p + "spatbn_1")
+        y = _bn_relu(conv_dense(y, _w(blobs, p + "conv_2_w"), (1,) * 3, (1,) * 3), blobs, p + "spatbn_2", False)
+    elif b.simple:
+        y = _conv_2plus1d(x, blobs, p + "conv_1", p + "spatbn_1", s, True)
+        y = _conv_2plus1d(y, blobs, p + "conv_2", p + "spatbn_2", 1, False)
+    else:
+        y = _bn_relu(conv_pointwise(x, _w(blobs, p + "conv_1_w")), blobs, p + "spatbn_1")
+        if family == "ircsn":
+            y = _bn_relu(conv_channelwise(y, _w(blobs, p + "conv_3_w"), s), blobs, p + "spatbn_3")
+            last = "4"
+        elif family == "ipcsn":
+            y = _bn_relu(conv_pointwise(y, _w(blobs, p + "conv_2_middle_w")), blobs, p + "spatbn_2_middle", False)
+            y = _bn_relu(conv_channelwise(y, _w(blobs, p + "conv_2_w"), s), blobs, p + "spatbn_2")
+            last = "3"
+        elif family == "r2plus1d":
+            y = _conv_2plus1d(y, blobs, p + "conv_2", p + "spatbn_2", s, True)
+            last = "3"
+        else:
+            y = _bn_relu(conv_dense(y, _w(blobs, p + "conv_2_w"), (s,) * 3, (1,) * 3), blobs, p + "spatbn_2")
+            last = "3"
+        y = _bn_relu(conv_pointwise(y, _w(blobs, p + f"conv_{last}_w")), blobs, p + f"spatbn_{last}", False)
+    if b.projection:
+        q = f"shortcut_projection_{b.index}"
+        x = spatial_bn(conv_pointwise(x, _w(blobs, q + "_w"), s), blobs, q + "_spatbn")
+    return relu(x + y)
+
+
+def stages(blobs: Mapping[str, np.ndarray], family: str, depth: int, clip: np.ndarray):
+    """Yields ("stem", out), then ("layerL.j", out) for every block (L = 1-4, j 0-based), float64."""
     x = np.asarray(clip, dtype=np.float64)
     kt = blobs["conv1_w"].shape[2]
-    x = conv_dense(x, w("conv1_w"), (1, 2, 2), (kt // 2, 3, 3))
-    x = relu(spatial_bn(x, blobs, "conv1_spatbn_relu"))
-    x = max_pool_133(x)
+    if family == "r2plus1d":
+        x = _bn_relu(conv_dense(x, _w(blobs, "conv1_middle_w"), (1, 2, 2), (0, 3, 3)), blobs, "conv1_middle_spatbn_relu")
+        x = _bn_relu(conv_dense(x, _w(blobs, "conv1_w"), (1, 1, 1), (kt // 2, 0, 0)), blobs, "conv1_spatbn_relu")
+    else:
+        x = _bn_relu(conv_dense(x, _w(blobs, "conv1_w"), (1, 2, 2), (kt // 2, 3, 3)), blobs, "conv1_spatbn_relu")
+    if family in CSN:          # VMZ's CSN scripts run with use_pool1=1; R(2+1)D/R3D never do
+        x = max_pool_133(x)
+    yield "stem", x
+    layer_of = [layer for layer, n in enumerate(BLOCK_CONFIG[depth], start=1) for _ in range(n)]
+    first = {}
     for b in blocks(depth):
-        p = f"comp_{b.index}_"
-        y = relu(spatial_bn(conv_pointwise(x, w(p + "conv_1_w")), blobs, p + "spatbn_1"))
-        if family == "ir":
-            y = relu(spatial_bn(conv_channelwise(y, w(p + "conv_3_w"), b.stride), blobs, p + "spatbn_3"))
-            y = spatial_bn(conv_pointwise(y, w(p + "conv_4_w")), blobs, p + "spatbn_4")
-        else:
-            y = spatial_bn(conv_pointwise(y, w(p + "conv_2_middle_w")), blobs, p + "spatbn_2_middle")
-            y = relu(spatial_bn(conv_channelwise(y, w(p + "conv_2_w"), b.stride), blobs, p + "spatbn_2"))
-            y = spatial_bn(conv_pointwise(y, w(p + "conv_3_w")), blobs, p + "spatbn_3")
-        if b.projection:
-            q = f"shortcut_projection_{b.index}"
-            x = spatial_bn(conv_pointwise(x, w(q + "_w"), b.stride), blobs, q + "_spatbn")
-        x = relu(x + y)
-    pooled = x.mean(axis=(2, 3, 4))
-    return pooled @ w(f"last_out_L{classes}_w").T + w(f"last_out_L{classes}_b")
+        layer = layer_of[b.index]
+        first.setdefault(layer, b.index)
+        x = _block(x, blobs, family, b)
+        yield f"layer{layer}.{b.index - first[layer]}", x
+
+
+def head(blobs: Mapping[str, np.ndarray], classes: int, x: np.ndarray) -> np.ndarray:
+    """Global average over T, H, W, then the FC ``last_out_L{classes}``."""
+    return x.mean(axis=(2, 3, 4)) @ _w(blobs, f"last_out_L{classes}_w").T + _w(blobs, f"last_out_L{classes}_b")
+
+
+def forward(blobs: Mapping[str, np.ndarray], family: str, depth: int, classes: int, clip: np.ndarray) -> np.ndarray:
+    """Logits [N, classes] of the VMZ test graph on ``clip`` (N, 3, T, H, W, already normalised)."""
+    for _, x in stages(blobs, family, depth, clip):
+        pass
+    return head(blobs, classes, x)

@@ -1,0 +1,106 @@
+"""``load_converted``: the one way to open a converted checkpoint as a filled model.
+
+Reads a ``.pth`` / ``.safetensors`` written by vmzconv (its meta names arch and layout), or any
+checkpoint of a VMZ model in a known layout without that meta (a plain MMAction2
+``{"state_dict": ...}``, a torchvision-layout or bare state dict): the layout is then recognised
+from the keys and the arch must be given. Used by ``parity``, ``verify``, ``predict``,
+``features`` and ``export``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import checkpoint
+from .arch import Arch, parse_arch_name
+from .errors import ArchError, InputError, MappingError
+from .files import sha256_file
+from .targets import Target, get_target, recognise
+
+
+@dataclass
+class Converted:
+    path: str
+    model: object            # models.VideoResNet, filled, in eval mode
+    arch: Arch
+    target: Target
+    meta: dict = field(default_factory=dict)
+    _sha256: str | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
+
+
+def _arch_from_meta(path, meta: dict) -> Arch:
+    try:
+        family, depth = parse_arch_name(meta["arch"])
+        return Arch(family, depth, int(meta["num_classes"]), int(meta.get("conv1_temporal_kernel", 3)))
+    except (ArchError, KeyError, TypeError, ValueError):
+        raise InputError(f"{path}: its vmzconv meta names an arch this version does not know "
+                         f"({str(meta.get('arch'))[:60]!r})") from None
+
+
+def _arch_from_keys(path, state, target: Target, arch: Arch | str) -> Arch:
+    if isinstance(arch, Arch):
+        return arch
+    family, depth = parse_arch_name(arch)
+    stem = state.get(target.stem_key)
+    kt = int(stem.shape[2]) if stem is not None and stem.ndim == 5 else 3
+    classes = 0
+    if target.head_keys:
+        head = state.get(target.head_keys[0])
+        if head is None or head.ndim != 2:
+            raise InputError(f"{path}: no classifier weight {target.head_keys[0]!r} in this {target.name} checkpoint")
+        classes = int(head.shape[0])
+    return Arch(family, depth, classes or 1, kt)
+
+
+def load_converted(path: str | Path, arch: Arch | str | None = None, **faults) -> Converted:
+    """Open ``path`` and return its model filled strictly (``faults`` reach :func:`models.build_model`).
+
+    ``arch`` is needed only for files without vmzconv's meta; an ``Arch`` object (e.g. detected from
+    the source pickle) is taken as it is. A file whose meta disagrees with ``arch`` is an error."""
+    from .models import build_model, fill
+
+    state, meta = checkpoint.load(path)
+    if meta.get("target"):
+        target = get_target(meta["target"])
+    else:
+        target = recognise(state)
+        if target is None:
+            shown = ", ".join(repr(k)[:60] for k in list(state)[:3])
+            raise InputError(f"{path}: its keys match no known layout (mmaction2, torchvision, pytorchvideo): {shown}")
+    if meta.get("arch"):
+        a = _arch_from_meta(path, meta)
+        wanted = arch.name if isinstance(arch, Arch) else arch
+        if wanted and wanted != a.name:
+            raise InputError(f"{path}: its meta records {a.name}, not {wanted} — it was converted from another model")
+    elif arch is None:
+        raise InputError(f"{path}: no vmzconv meta in this checkpoint; name its architecture with --arch")
+    else:
+        a = _arch_from_keys(path, state, target, arch)
+    model = build_model(target.name, a, empty=True, **faults)
+    try:
+        fill(model, state)
+    except RuntimeError:
+        raise MappingError(f"{path}: does not load strictly as {a.name} ({target.name}): "
+                           + describe_mismatch(model.state_dict(), state)) from None
+    return Converted(str(path), model.eval(), a, target, dict(meta))
+
+
+def describe_mismatch(expected, state, show: int = 3) -> str:
+    """Missing, unexpected and mis-shaped keys (first few of each), for one line."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}" for k in expected
+              if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if items:
+            shown = ", ".join(repr(i)[:80] for i in items[:show])
+            parts.append(f"{len(items)} {label} ({shown}{', ...' if len(items) > show else ''})")
+    return "; ".join(parts) or "values do not load"

@@ -1,0 +1,83 @@
+"""Output layouts ("targets"): one :class:`Target` per PyTorch home for VMZ weights.
+
+A target owns what is true of its layout: the model builder (``models/layouts.py``), how a
+file in that layout is recognised from its keys, its classifier keys, whether it has a head,
+and which families it can hold (with the reason it refuses the others). The CLI's
+``--target`` choices, layout recognition for files without vmzconv's meta, and the verify
+runner all read this registry. No torch import here: the CLI and bulk's parent stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import ArchError
+
+_PTV_R21D = ("pytorchvideo's create_r2plus1d runs the temporal conv before the spatial one, keeps the middle "
+             "width at the bottleneck width (VMZ: its own formula) and has a single-conv stem, so VMZ's "
+             "weights have no place in it; use --target torchvision")
+_PTV_R3D = ("pytorchvideo's create_resnet puts the temporal stride on the 1x1x1 conv_a, where VMZ strides the "
+            "3x3x3 conv (and has no depth 18/34), so it computes something else; use --target torchvision")
+_MM_R21D = ("MMAction2's ResNet2Plus1d builds its (2+1)-D convs with Conv2plus1d, whose middle width comes from "
+            "its own formula per conv pair (stem: 83, VMZ: 45) and whose convs carry biases, so no stock "
+            "MMAction2 config holds VMZ's R(2+1)D weights; use --target torchvision")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    layout: str                           # builder name in models.layouts
+    has_head: bool
+    head_keys: tuple[str, str] | None     # (weight, bias) of the classifier
+    stem_key: str                         # the first conv's weight (its shape gives conv1's temporal kernel)
+    recognise: Callable[[set], bool]
+    refusals: dict                        # family -> why this layout cannot hold it
+    summary: str
+
+    def check(self, family: str, arch_name: str) -> None:
+        if family in self.refusals:
+            raise ArchError(f"target {self.name} cannot hold {arch_name}: {self.refusals[family]}")
+
+    def build(self, arch, **kw):
+        from .models import layouts
+
+        self.check(arch.family, arch.name)
+        return getattr(layouts, self.layout)(arch, **kw)
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("mmaction2", "mmaction2", True, ("cls_head.fc_cls.weight", "cls_head.fc_cls.bias"),
+           "backbone.conv1.conv.weight", lambda k: "backbone.conv1.conv.weight" in k,
+           {"r2plus1d": _MM_R21D},
+           "MMAction2 Recognizer3D (ResNet3dCSN / ResNet3d + I3DHead; load_from=)"),
+    Target("mmaction2-backbone", "mmaction2_backbone", False, None, "conv1.conv.weight",
+           lambda k: "conv1.conv.weight" in k and "layer1.0.conv1.conv.weight" in k,
+           {"r2plus1d": _MM_R21D},
+           "the MMAction2 backbone alone (backbone.pretrained=)"),
+    Target("torchvision", "torchvision", True, ("fc.weight", "fc.bias"), "stem.0.weight",
+           lambda k: "stem.0.weight" in k and "fc.weight" in k, {},
+           "torchvision VideoResNet module names (VMZ's PyTorch hub, ig65m-pytorch)"),
+    Target("pytorchvideo", "pytorchvideo", True, ("blocks.5.proj.weight", "blocks.5.proj.bias"),
+           "blocks.0.conv.weight", lambda k: "blocks.0.conv.weight" in k,
+           {"ipcsn": "pytorchvideo's create_csn has no interaction-preserved block: its conv_b is a single "
+                     "depthwise conv, so ip-CSN's extra 1x1x1 conv + BN has nowhere to go; use --target "
+                     "torchvision or mmaction2",
+            "r2plus1d": _PTV_R21D, "r3d": _PTV_R3D},
+           "pytorchvideo create_csn (ir-CSN only)"),
+)}
+TARGET_NAMES = tuple(TARGETS)
+# The layout each family is written in unless --target says otherwise.
+DEFAULT_TARGET = {"ircsn": "mmaction2", "ipcsn": "mmaction2", "r2plus1d": "torchvision", "r3d": "torchvision"}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise ArchError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def recognise(keys) -> Target | None:
+    """The layout a state dict without vmzconv's meta is in, from its keys alone."""
+    keys = set(keys)
+    return next((t for t in TARGETS.values() if t.recognise(keys)), None)
