@@ -16,7 +16,8 @@ FIXTURES = HERE / "fixtures"
 
 
 def golden_blobs(family: str, depth: int = 50, classes: int = 400) -> dict[str, np.ndarray]:
-    """shared/golden's recipe GOLDEN-1: closed-form weights over the sorted blob names."""
+    """Recipe GOLDEN-1 (the weights behind tests/golden/*.caffe2_logits.npy, which genuine Caffe2 computed
+    with VMZ's own graph code): closed-form values over the sorted blob names."""
     specs = dict(reference.blob_specs(family, depth, classes))
     out = {}
     for k, name in enumerate(sorted(specs)):
@@ -100,3 +101,12 @@ def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
     assert "Traceback" not in result.stderr
     for frag in fragments:
         assert frag in lines[0], (frag, lines[0])
+
+
+def convert_fails(cli, src, tmp_path, *fragments, extra=(), code=2):
+    out = tmp_path / "out.pth"
+    res = cli("convert", src, out, "--no-parity", *extra)
+    assert_one_line_error(res, *fragments, code=code)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "temp files left behind"
+    return res

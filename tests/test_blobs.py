@@ -146,23 +146,3 @@ def test_truncated_file_is_an_input_error():
     for cut in (1, 100, len(data) // 2, len(data) - 1):
         with pytest.raises(InputError, match="truncated|not a readable"):
             blobs_from_bytes(data[:cut], "t.pkl")
-
-
-@pytest.mark.parametrize("data,fragment", [
-    (b"", "empty"),
-    (b"<!DOCTYPE html><html><body>Dropbox</body></html>", "HTML page"),
-    (b"just some notes\n", "text file"),
-    (b"\x93NUMPY\x01\x00", ".npy"),
-])
-def test_wrong_files_are_named(data, fragment):
-    with pytest.raises(InputError, match=fragment):
-        blobs_from_bytes(data, "w.pkl")
-
-
-def test_torch_save_file_is_named(tmp_path):
-    import torch
-
-    path = tmp_path / "model.pkl"
-    torch.save({"state_dict": {"backbone.conv1.conv.weight": torch.ones(1)}}, path)
-    with pytest.raises(InputError, match="PyTorch checkpoint"):
-        read_blobs(path)

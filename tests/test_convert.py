@@ -20,7 +20,7 @@ BLOB_COUNTS = {("ircsn", 50): 267, ("ircsn", 101): 522, ("ircsn", 152): 777,
 
 
 def expected_sources(family: str, depth: int, classes: int) -> dict[str, str]:
-    """MMAction2 key -> VMZ blob, written out from docs/targets-and-protocol.md §1.6 (independent of mappings/)."""
+    """MMAction2 key -> VMZ blob, written out from MMAction2's ResNet3dCSN and VMZ's blob naming (independent of mappings/)."""
     out = {}
 
     def conv_bn(key, conv_blob, bn_blob):

@@ -10,7 +10,7 @@ from vmzconv.models import build_model
 
 from .conftest import GOLDEN
 
-# docs/targets-and-protocol.md §1.4: entries incl. num_batches_tracked, and trainable
+# MMAction2 CSN metafile / module structure: entries incl. num_batches_tracked, and trainable
 # parameters incl. the 400-class fc (metafile `Parameters` where MMAction2 publishes one).
 COUNTS = {
     ("ircsn", 152): (932, 777, 29_703_568),

@@ -40,7 +40,7 @@ def bn(prefix: str) -> list[str]:
 
 
 def torchvision_keys(family: str, depth: int) -> list[str]:
-    """docs/vmz-caffe2-format.md §6.1, written out independently of vmzconv's models."""
+    """VMZ's PyTorch port (pt/vmz/models/csn.py, torchvision VideoResNet names), written out independently."""
     keys = ["stem.0.weight", *bn("stem.1")]
     for layer, n in enumerate(LAYERS[depth], start=1):
         for j in range(n):
@@ -57,7 +57,7 @@ def torchvision_keys(family: str, depth: int) -> list[str]:
 
 
 def pytorchvideo_keys(depth: int) -> list[str]:
-    """docs/targets-and-protocol.md §6, written out independently of vmzconv's models."""
+    """pytorchvideo create_csn (models/resnet.py, stem.py, head.py) names, written out independently."""
     keys = ["blocks.0.conv.weight", *bn("blocks.0.norm")]
     for stage, n in enumerate(LAYERS[depth], start=1):
         for j in range(n):

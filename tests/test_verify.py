@@ -61,11 +61,11 @@ def test_resize_size_rule():
 def test_resize_is_half_pixel_bilinear_without_antialias():
     img = np.zeros((1, 2, 3), np.uint8)
     img[0, 1] = 255
-    out = P.resize(img, 2)                                   # 2x1 -> 4x2
+    out = P.resize(img, P.Protocol(num_clips=1, clip_len=1, short_side=2, crop_size=2))      # 2x1 -> 4x2
     assert out.shape == (2, 4, 3)
     assert out[0, :, 0].tolist() == [0, 64, 191, 255]       # src x = (dst + 0.5) / 2 - 0.5, clamped
     big = np.arange(64 * 48 * 3, dtype=np.uint8).reshape(48, 64, 3)
-    small = P.resize(big, 24)                                # downscale: no antialiasing
+    small = P.resize(big, P.Protocol(short_side=24, crop_size=24))      # downscale: no antialiasing
     assert np.array_equal(small, cv2.resize(big, (32, 24), interpolation=cv2.INTER_LINEAR))
 
 

@@ -72,11 +72,12 @@ def _is_r3d(blobs: Blobs, names: set) -> bool:
     return any(len(s) == 5 and s[1] > 1 and s[2:] == (3, 3, 3) for s in dense)
 
 
-_CSN_PROTOCOL = dict(clip_len=32, frame_interval=2, num_clips=10, short_side=256, crop_size=256, num_crops=3)
+_CSN_PROTOCOL = dict(protocol="mmaction2", clip_len=32, frame_interval=2, num_clips=10, short_side=256, crop_size=256,
+                     num_crops=3)
 # VMZ's R(2+1)D/R3D test scripts: 10 uniformly spaced clips, one centre crop of 112 from frames
 # resized to 171x128 (video_res_type 0); clip length 8 or 32 depending on the model.
-_R21D_PROTOCOL = dict(clip_len=8, frame_interval=1, num_clips=10, short_side=128, crop_size=112, num_crops=1,
-                      resize=[171, 128])
+_R21D_PROTOCOL = dict(protocol="vmz", clip_len=8, frame_interval=1, num_clips=10, short_side=128, crop_size=112,
+                      num_crops=1, resize=[171, 128])
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("ircsn", "ir-CSN", (50, 101, 152), "channelwise", "3d", True, _CSN_PROTOCOL, (8, 224), _is_ircsn,
@@ -122,6 +123,11 @@ class Arch:
     @property
     def kind(self) -> str:
         return block_kind(self.depth)
+
+    def has_projection(self, layer: int, j: int) -> bool:
+        """VMZ adds a shortcut projection where width or stride change: the first block of layers 2-4,
+        and of layer 1 too in a bottleneck network (64 -> 256)."""
+        return j == 0 and (layer > 1 or self.kind == "bottleneck")
 
     @property
     def feature_dim(self) -> int:

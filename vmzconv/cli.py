@@ -313,33 +313,78 @@ def _floats3(text):
     return vals
 
 
-@main.command(context_settings={"show_default": True})
+def _resize(text):
+    if text is None:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter("WxH, e.g. 171x128") from None
+    return [w, h]
+
+
+_PROTOCOL_OPTIONS = (
+    click.option("--protocol", "protocol_name", type=click.Choice(["mmaction2", "vmz"]),
+                 help="Clip offsets and crop order of MMAction2 1.x, or of VMZ's Caffe2 test tools."),
+    click.option("--clip-len", type=click.IntRange(min=1), help="Frames per clip."),
+    click.option("--frame-interval", type=click.IntRange(min=1), help="Take every N-th frame."),
+    click.option("--num-clips", type=click.IntRange(min=1), help="Clips per video, spread over its length."),
+    click.option("--short-side", type=click.IntRange(min=1), help="Resize the short side to this (aspect kept)."),
+    click.option("--resize", callback=lambda c, p, v: _resize(v), metavar="WxH",
+                 help="Resize to exactly WxH instead (VMZ's R(2+1)D/R3D scripts: 171x128)."),
+    click.option("--crop-size", type=click.IntRange(min=1), help="Side of the square crops."),
+    click.option("--num-crops", type=click.Choice(["1", "3"]), help="1 (centre) or 3 (along the long side)."),
+    click.option("--norm", type=click.Choice(["vmz", "imagenet"]),
+                 help="Mean/std preset (default: the checkpoint's, i.e. VMZ's); imagenet = MMAction2's IG-65M configs."),
+    click.option("--mean", callback=lambda c, p, v: _floats3(v), help="R,G,B mean on 0-255 (overrides --norm)."),
+    click.option("--std", callback=lambda c, p, v: _floats3(v), help="R,G,B std on 0-255 (overrides --norm)."),
+)
+_PROTOCOL_KEYS = ("clip_len", "frame_interval", "num_clips", "short_side", "resize", "crop_size", "num_crops")
+
+
+def _protocol_options(fn):
+    """The test-protocol options shared by verify, predict and features. Every default is the
+    protocol recorded in the checkpoint's card (its family's: MMAction2's CSN test, 32 frames x 2,
+    10 clips x 3 crops of 256 at short side 256; VMZ's R(2+1)D/R3D test, 8 frames, 10 clips x 1
+    crop of 112 from 171x128 frames)."""
+    for option in reversed(_PROTOCOL_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _protocol_overrides(kw: dict) -> dict:
+    """Pop the protocol options from ``kw``: {field: value} for the ones given."""
+    over = {k: kw.pop(k) for k in _PROTOCOL_KEYS}
+    over["name"] = kw.pop("protocol_name")
+    if over["num_crops"] is not None:
+        over["num_crops"] = int(over["num_crops"])
+    return over
+
+
+def _describe_protocol(p: dict) -> str:
+    size = f"resized to {p['resize'][0]}x{p['resize'][1]}" if p.get("resize") else f"short side {p['short_side']}"
+    return (f"{p['name']}: {p['num_clips']} clips x {p['num_crops']} crops, {p['clip_len']} frames every "
+            f"{p['frame_interval']}, {size}, crop {p['crop_size']}")
+
+
+@main.command()
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--ann", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Annotation list: 'path label' (videos), 'frame_dir total_frames label' (rawframes) or "
                    "'video_id, num_frames, label' (Kinetics val list).")
 @click.option("--data-root", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder the list's paths, frame folders or video ids are found under.")
-@click.option("--ann-format", type=click.Choice(["auto", "videos", "rawframes", "kinetics"]), default="auto")
+@click.option("--ann-format", type=click.Choice(["auto", "videos", "rawframes", "kinetics"]), default="auto",
+              show_default=True)
 @click.option("--arch", type=click.Choice(ARCH_NAMES), help="Required for checkpoints without vmzconv meta.")
-@click.option("--protocol", "protocol_name", type=click.Choice(["mmaction2", "vmz"]), default="mmaction2",
-              help="Clip offsets and crop order of MMAction2 1.x, or of VMZ's Caffe2 test tools.")
-@click.option("--clip-len", type=int, default=32)
-@click.option("--frame-interval", type=int, default=2)
-@click.option("--num-clips", type=int, default=10)
-@click.option("--short-side", type=int, default=256)
-@click.option("--crop-size", type=int, default=256)
-@click.option("--num-crops", type=int, default=3)
-@click.option("--norm", type=click.Choice(["vmz", "imagenet"]),
-              help="Mean/std preset (default: the checkpoint's, i.e. VMZ's); imagenet = MMAction2's IG-65M configs.")
-@click.option("--mean", callback=lambda c, p, v: _floats3(v), help="R,G,B mean on 0-255 (overrides --norm).")
-@click.option("--std", callback=lambda c, p, v: _floats3(v), help="R,G,B std on 0-255 (overrides --norm).")
-@click.option("--filename-tmpl", default="img_{:05d}.jpg", help="Rawframe file names (1-based index).")
+@_protocol_options
+@click.option("--filename-tmpl", default="img_{:05d}.jpg", show_default=True,
+              help="Rawframe file names (1-based index).")
 @click.option("--label-map", type=click.Path(exists=True, dir_okay=False), help="Class names, one per line.")
 @click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Autocast precision on CUDA (CPU always runs fp32).")
-@click.option("--max-views", type=click.IntRange(min=1), default=30, help="Views per forward pass.")
+@click.option("--max-views", type=click.IntRange(min=1), default=30, show_default=True, help="Views per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), help="Decoding worker processes (default: min(4, cores-1)).")
 @click.option("--cache", type=click.Path(file_okay=False), help="Keep per-video probabilities here; a rerun resumes.")
 @click.option("--skip-bad", is_flag=True, help="Skip (and report) videos that cannot be decoded instead of failing.")
@@ -347,33 +392,33 @@ def _floats3(text):
               help="JSON list of averaged probabilities, one per video in annotation order (MMAction2 --out).")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False),
               help="JSON report: metrics, counts, protocol, checkpoint sha256, timings.")
-@click.option("--expect-top1", type=float, help="Fail (exit 1) unless top-1 %% is within --tolerance of this.")
-@click.option("--expect-top5", type=float, help="Same for top-5 %%.")
+@click.option("--expect-top1", type=float, help="Fail (exit 1) unless top-1 (in percent) is within --tolerance of this.")
+@click.option("--expect-top5", type=float, help="Same for top-5.")
 @click.option("--expect-published", is_flag=True,
               help="Expect the published MMAction2 (else VMZ) accuracy of a known zoo checkpoint.")
-@click.option("--tolerance", type=float, default=0.5, help="Allowed gap, in percentage points.")
+@click.option("--tolerance", type=float, default=0.5, show_default=True, help="Allowed gap, in percentage points.")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads per process (default: cores / processes). Results are reproducible for a fixed value.")
-@click.option("--warmup", type=click.IntRange(min=0), default=5,
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
               help="Videos left out of the inference-speed timing (per rank).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def verify(ckpt, ann, data_root, ann_format, arch, protocol_name, clip_len, frame_interval, num_clips, short_side,
-           crop_size, num_crops, norm, mean, std, filename_tmpl, label_map, device, precision, max_views, workers,
+def verify(ckpt, ann, data_root, ann_format, arch, filename_tmpl, label_map, device, precision, max_views, workers,
            cache, skip_bad, out_file, report_file, expect_top1, expect_top5, expect_published, tolerance, threads, warmup,
-           quiet):
-    """Measure CKPT's accuracy on a video list the way MMAction2 tests CSN: 10 clips x 3 crops of
-    32 frames (interval 2) at short side 256, softmax per view, mean over views; top-1, top-5 and
-    mean class accuracy. Runs on CUDA when present, else CPU; under `torchrun --nproc_per_node N -m
-    vmzconv verify ...` the list is sharded over ranks and the metrics equal a single-process run.
+           quiet, **kw):
+    """Measure CKPT's accuracy on a video list the way its published numbers were measured: by default
+    the protocol in CKPT's card (CSN: MMAction2's test, 10 clips x 3 crops of 32 frames (interval 2) at
+    short side 256; R(2+1)D/R3D: VMZ's test, 10 clips x 1 centre crop of 112 from 171x128 frames),
+    softmax per view, mean over views; top-1, top-5 and mean class accuracy. Runs on CUDA when
+    present, else CPU; under `torchrun --nproc_per_node N -m vmzconv verify ...` the list is sharded
+    over ranks and the metrics equal a single-process run.
     """
-    from .verify.protocol import Protocol
     from .verify.runner import Options, check_expectations, published_expectation, write_json
     from .verify.runner import run as run_verify
 
-    p = Protocol(protocol_name, clip_len, frame_interval, num_clips, short_side, crop_size, num_crops)
-    opts = Options(str(ckpt), ann, data_root, ann_format, arch, p, mean, std, norm, filename_tmpl, label_map,
-                   device, precision, max_views, workers, cache, skip_bad, warmup=warmup, threads=threads, quiet=quiet)
+    opts = Options(str(ckpt), ann, data_root, ann_format, arch, None, kw.pop("mean"), kw.pop("std"), kw.pop("norm"),
+                   filename_tmpl, label_map, device, precision, max_views, workers, cache, skip_bad, warmup=warmup,
+                   threads=threads, quiet=quiet, protocol_overrides=_protocol_overrides(kw))
     if expect_published and expect_top1 is None:          # known before the (long) run, not after
         expect_top1, expect_top5 = published_expectation(ckpt)
     outcome = run_verify(opts)
@@ -391,15 +436,16 @@ def verify(ckpt, ann, data_root, ann_format, arch, protocol_name, clip_len, fram
     click.echo(f"videos       {ann_info['evaluated']} evaluated of {ann_info['videos']}"
                + (f"; {ann_info['skipped']} SKIPPED (unreadable): "
                   + ", ".join(s["video"] for s in rep["skipped"][:5]) if ann_info["skipped"] else ""))
-    click.echo(f"protocol     {p.name}: {p.num_clips} clips x {p.num_crops} crops, {p.clip_len} frames every "
-               f"{p.frame_interval}, short side {p.short_side}, crop {p.crop_size}")
+    click.echo(f"protocol     {_describe_protocol(rep['protocol'])}")
     click.echo(f"top1_acc     {m['top1']:.4f}")
     click.echo(f"top5_acc     {m['top5']:.4f}")
     click.echo(f"mean_class_accuracy {m['mean_class_accuracy']:.4f}"
                + ("   (over the evaluated videos only)" if ann_info["skipped"] else ""))
     speed = t["inference_video_per_s"]
-    click.echo(f"speed        {t['end_to_end_video_per_s']} video/s end to end; "
-               f"{speed if speed is not None else 'n/a (fewer videos than warm-up)'} video/s inference on {rep['device']}"
+    inference = (f"{speed} video/s inference" if speed is not None
+                 else f"inference speed not measured (only {t['inference_videos_timed']} videos after the "
+                      f"{t['warmup_videos_excluded']} warm-up ones; lower --warmup)")
+    click.echo(f"speed        {t['end_to_end_video_per_s']} video/s end to end; {inference} on {rep['device']}"
                + (f"; peak GPU memory {t['peak_gpu_memory_mib']} MiB" if t["peak_gpu_memory_mib"] is not None else ""))
     for c in checks:
         click.echo(f"expect       {c['metric']} {c['expected']:.2f}% +- {tolerance}: measured {c['measured']:.2f}% -> "

@@ -81,6 +81,8 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
             "mmaction2_config_mean_std": zoo.NORMS[entry["norm"]] if entry.get("norm") else None,
             "published_accuracy": zoo.published_accuracy(entry),
         }
+        if "clip_len" in entry:                        # e.g. R(2+1)D-34 clip 8 vs clip 32
+            meta["input"]["clip_len"] = int(entry["clip_len"])
     return meta
 
 
@@ -101,6 +103,7 @@ def map_blobs(blobs: Blobs, a: arch_mod.Arch, target: str, mapping_path: str | P
     """Build the target model on the meta device, fill it through the table; returns (model, table, mapped)."""
     from .models import build_model, fill
 
+    get_target(target).check(a.family, a.name)
     table_path = Path(mapping_path) if mapping_path else mapping.builtin_table_path(a.family, target)
     table = mapping.load_table(table_path)
     if table.target != target:

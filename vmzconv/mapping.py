@@ -55,7 +55,7 @@ class Table:
         return self.path.name
 
 
-_SECTIONS = ("stem", "block", "projection", "head")
+_SECTIONS = ("stem", "block", "simple_block", "bottleneck_block", "projection", "head")
 
 
 def load_table(path: str | Path) -> Table:
@@ -104,12 +104,17 @@ def block_enumeration(arch: Arch):
 
 
 def expand(table: Table, arch: Arch) -> Plan:
+    """[block] applies to every block, [simple_block] / [bottleneck_block] to blocks of that kind
+    (depth 18/34 vs 50+), [projection] to the blocks that have a shortcut projection."""
     plan = Plan()
+    blocks = [dict(i=i, L=L, j=j) for i, L, j in block_enumeration(arch)]
     contexts = {
         "stem": [{}],
         "head": [{"classes": arch.num_classes}],
-        "block": [dict(i=i, L=L, j=j) for i, L, j in block_enumeration(arch)],
-        "projection": [dict(i=i, L=L, j=j) for i, L, j in block_enumeration(arch) if j == 0],
+        "block": blocks,
+        "simple_block": blocks if arch.kind == "simple" else [],
+        "bottleneck_block": blocks if arch.kind == "bottleneck" else [],
+        "projection": [b for b in blocks if arch.has_projection(b["L"], b["j"])],
     }
     for section, entries in table.sections.items():
         for ctx in contexts[section]:

@@ -1,4 +1,4 @@
-"""The known VMZ CSN pickles (``zoo.toml``): which file is which, and what it should reach."""
+"""The known VMZ pickles (``zoo.toml``): which file is which, and what it should reach."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def entries() -> tuple[dict, ...]:
 
 
 def _fid(name: str) -> str | None:
-    m = re.search(r"_(f\d{6,})\.pkl$", name.strip().lower())
+    """VMZ's run id, ``f<digits>`` before ``.pkl`` (two released names have a space, or %20, before it)."""
+    m = re.search(r"(?:^|[^0-9a-z])(f\d{6,})\.pkl$", name.strip().lower().replace("%20", " "))
     return m.group(1) if m else None
 
 

@@ -50,7 +50,7 @@ def _decode_video(path: str, p: P.Protocol) -> tuple[np.ndarray, int]:
     for i in needed.reshape(-1):
         i = int(i)
         if i not in rgb:
-            rgb[i] = P.resize(kept[i].to_ndarray(format="rgb24"), p.short_side)
+            rgb[i] = P.resize(kept[i].to_ndarray(format="rgb24"), p)
         out.append(rgb[i])
     return np.stack(out), total
 
@@ -69,7 +69,7 @@ def _decode_rawframes(item: Item, p: P.Protocol, tmpl: str) -> tuple[np.ndarray,
             f = os.path.join(item.path, tmpl.format(i))
             try:
                 with Image.open(f) as im:
-                    cache[i] = P.resize(np.asarray(im.convert("RGB")), p.short_side)
+                    cache[i] = P.resize(np.asarray(im.convert("RGB")), p)
             except (OSError, UnidentifiedImageError) as e:
                 raise DecodeError(f"{f}: cannot read frame: {e}") from None
         out.append(cache[i])
@@ -79,7 +79,7 @@ def _decode_rawframes(item: Item, p: P.Protocol, tmpl: str) -> tuple[np.ndarray,
 def load_views(item: Item, p: P.Protocol, filename_tmpl: str = "img_{:05d}.jpg") -> np.ndarray:
     """uint8 views [V, T, crop, crop, 3] for one item, V = crop * num_clips + clip."""
     if item.kind == "video":
-        if not os.path.isfile(item.path):
+        if not os.path.exists(item.path) or os.path.isdir(item.path):     # a named pipe is a fine source
             raise DecodeError(f"{item.path}: no such video file")
         frames, _ = _decode_video(item.path, p)
     else:

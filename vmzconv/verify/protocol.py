@@ -12,7 +12,7 @@ MMAction2 1.x (``mmaction/datasets/transforms``), read from the source:
   (left/top, right/bottom, middle); the short side must equal C.
 * ``FormatShape('NCTHW')``: view index = crop * n_clips + clip.
 
-VMZ (``--protocol vmz``): clip k starts at ``floor(k * (F - R) / (n - 1))`` with R the same span
+VMZ (``--protocol vmz``; its R(2+1)D/R3D scripts also resize to a fixed 171x128, ``--resize``): clip k starts at ``floor(k * (F - R) / (n - 1))`` with R the same span
 (0 for one clip; ``max(F - R, 0)`` for short videos, which VMZ itself would skip); crops at
 ``j * (L - C) // 2`` for j = 0, 1, 2 (left, centre, right).
 """
@@ -36,6 +36,7 @@ class Protocol:
     short_side: int = 256
     crop_size: int = 256
     num_crops: int = 3
+    resize: tuple | None = None      # (W, H): resize ignoring the aspect ratio (VMZ's video_res_type 0)
 
     def __post_init__(self):
         if self.name not in ("mmaction2", "vmz"):
@@ -45,8 +46,27 @@ class Protocol:
                 raise VmzconvError(f"--{field.replace('_', '-')} must be at least 1")
         if self.num_crops not in (1, 3):
             raise VmzconvError("--num-crops must be 1 (centre) or 3")
-        if self.crop_size > self.short_side:
+        if self.resize is not None:
+            if len(self.resize) != 2 or min(self.resize) < 1:
+                raise VmzconvError(f"--resize takes WxH, not {self.resize!r}")
+            object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
+            if self.crop_size > min(self.resize):
+                raise VmzconvError(f"--crop-size {self.crop_size} is larger than --resize {self.resize[0]}x{self.resize[1]}")
+        elif self.crop_size > self.short_side:
             raise VmzconvError(f"--crop-size {self.crop_size} is larger than --short-side {self.short_side}")
+
+    @classmethod
+    def from_card(cls, recorded: dict | None, **overrides) -> "Protocol":
+        """The protocol a checkpoint's card records (``meta.input``), with ``overrides`` (not None) on top;
+        MMAction2's CSN protocol where the card says nothing."""
+        fields = {f: v for f, v in (recorded or {}).items()
+                  if f in ("clip_len", "frame_interval", "num_clips", "short_side", "crop_size", "num_crops", "resize")}
+        if (recorded or {}).get("protocol"):
+            fields["name"] = recorded["protocol"]
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("short_side") is not None and overrides.get("resize") is None:
+            fields.pop("resize", None)        # an explicit --short-side replaces a recorded fixed size
+        return cls(**fields)
 
     @property
     def views(self) -> int:
@@ -82,9 +102,10 @@ def resized_size(w: int, h: int, short_side: int) -> tuple[int, int]:
     return int(w * factor + 0.5), int(h * factor + 0.5)
 
 
-def resize(frame: np.ndarray, short_side: int) -> np.ndarray:
+def resize(frame: np.ndarray, p: Protocol) -> np.ndarray:
+    """To ``p.resize`` (W, H) when set, else short side ``p.short_side`` keeping the aspect ratio."""
     h, w = frame.shape[:2]
-    new_w, new_h = resized_size(w, h, short_side)
+    new_w, new_h = p.resize if p.resize else resized_size(w, h, p.short_side)
     if (new_w, new_h) == (w, h):
         return frame
     return cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_LINEAR)

@@ -36,7 +36,7 @@ class Options:
     data_root: str
     ann_format: str = "auto"
     arch: str | None = None
-    protocol: Protocol = field(default_factory=Protocol)
+    protocol: Protocol | None = None     # None: the checkpoint card's, with protocol_overrides on top
     mean: list | None = None
     std: list | None = None
     norm: str | None = None              # "vmz" | "imagenet"
@@ -51,6 +51,7 @@ class Options:
     warmup: int = 5
     threads: int | None = None
     quiet: bool = False
+    protocol_overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -191,6 +192,8 @@ def _run(opts: Options, rank: int, world: int) -> Outcome:
     items = annotations.read(opts.ann, opts.data_root, opts.ann_format)
     names = annotations.label_names(opts.label_map)
     conv = _load(opts)
+    if opts.protocol is None:
+        opts.protocol = Protocol.from_card(conv.meta.get("input"), **opts.protocol_overrides)
     mean, std = mean_std(opts, conv.meta)
     cache = Cache(opts, conv.sha256, mean, std)
     engine = Engine(device, opts.precision, opts.max_views)
