@@ -16,13 +16,18 @@ from vmzconv import checkpoint, synth
 from vmzconv.zoo import entries, lookup
 
 
-def test_zoo_lists_every_released_csn_pickle(cli):
+def test_zoo_lists_every_released_csn_and_r2plus1d_pickle(cli):
     names = {e["file"] for e in entries()}
-    assert len(names) == 12
-    for fam in ("irCSN_152", "ipCSN_152"):
+    assert len(names) == 21
+    for fam in ("irCSN_152", "ipCSN_152", "r2plus1d_152"):
         for kind in ("kinetics_from_scratch", "Sports1M_from_scratch", "ft_kinetics_from_Sports1M",
                      "ig65m_from_scratch", "ft_kinetics_from_ig65m"):
-            assert any(n.startswith(f"{fam}_{kind}_f") for n in names), (fam, kind)
+            assert any(n.lower().startswith(f"{fam}_{kind}_f".lower()) for n in names), (fam, kind)
+    for clip in (8, 32):
+        assert f"r2plus1d_34_clip{clip}_ig65m_from_scratch" in " ".join(names)
+        assert lookup(f"r2plus1d_34_clip{clip}_ft_kinetics_from_ig65m%20f{128022400 if clip == 8 else 106169681}.pkl")
+    assert lookup("r2plus1d_34_clip8_ig65m_from_scratch_f79708462.pkl")["classes"] == 487       # not 359
+    assert lookup("r2plus1d_152_ft_kinetics_from_ig65m_f107107466.pkl")["vmz_top1"] == 81.6
     assert lookup("irCSN_152_sports1m_from_scratch_f99918785.pkl")["classes"] == 487      # spelling variant
     assert lookup("IRCSN_152_FT_KINETICS_FROM_IG65M_f126851907.pkl")["vmz_top1"] == 82.6
     assert lookup("renamed_f130601052.pkl")["name"] == "ipcsn_from_scratch_r152_ig65m"

@@ -12,7 +12,7 @@ import numpy as np
 from . import __version__, arch as arch_mod, checkpoint, mapping, parity, zoo
 from .blobs import Blobs, read_blobs
 from .errors import MappingError, OutputError
-from .targets import DEFAULT_TARGET, get_target
+from .targets import DEFAULT_TARGET, get_target, recipe
 
 PRETRAIN_ONLY_CLASSES = {359: "IG-65M", 487: "Sports-1M"}
 
@@ -68,6 +68,7 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
             "ignored": dict(sorted(mapped.ignored.items())),
             "dropped": list(mapped.dropped_blobs),
         },
+        "build": recipe(target, a) or "see `vmzconv convert --print-config` (an MMAction2 config)",
         "notes": list(blobs.notes) + list(notes),
         "parity": verdict.to_meta() if verdict is not None else None,
         "zoo": None,
@@ -175,7 +176,8 @@ def mmaction2_config(res: Result) -> str:
     path = str(Path(res.output).resolve())
     norm = meta["input"]
     if res.target not in ("mmaction2", "mmaction2-backbone"):
-        return (f"# {res.target} layout: model.load_state_dict(torch.load('{path}')['state_dict'], strict=True)\n"
+        return (f"# {res.target}: build the model, then load the file strictly\n{recipe(res.target, a)}\n"
+                f"model.load_state_dict(torch.load('{path}', weights_only=True)['state_dict'], strict=True)\n"
                 f"# input: RGB, NCTHW, 0-255, mean {norm['mean']}, std {norm['std']}")
     zoo_info = meta.get("zoo")
     lines = [f"# MMAction2 config for {Path(path).name} ({a.name}, {a.num_classes} classes)"]

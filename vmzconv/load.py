@@ -96,11 +96,11 @@ def describe_mismatch(expected, state, show: int = 3) -> str:
     """Missing, unexpected and mis-shaped keys (first few of each), for one line."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}" for k in expected
+    shapes = [f"{repr(k)[:80]} {list(state[k].shape)} vs {list(expected[k].shape)} in the model" for k in expected
               if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
         if items:
-            shown = ", ".join(repr(i)[:80] for i in items[:show])
+            shown = ", ".join(i if label == "mis-shaped" else repr(i)[:80] for i in items[:show])
             parts.append(f"{len(items)} {label} ({shown}{', ...' if len(items) > show else ''})")
     return "; ".join(parts) or "values do not load"

@@ -81,3 +81,58 @@ def recognise(keys) -> Target | None:
     """The layout a state dict without vmzconv's meta is in, from its keys alone."""
     keys = set(keys)
     return next((t for t in TARGETS.values() if t.recognise(keys)), None)
+
+
+# -- how a user builds the matching model in the consumer library -------------------------------------
+
+_EPS_FIX = """for m in model.modules():              # Caffe2's SpatialBN epsilon; the library's default is 1e-5
+    if isinstance(m, nn.BatchNorm3d):
+        m.eps = 1e-3"""
+
+_TV_CONV2PLUS1D = """class Conv2Plus1D(nn.Sequential):      # torchvision's, with VMZ's middle width computed per conv
+    def __init__(self, in_planes, out_planes, midplanes=None, stride=1, padding=1):
+        mid = (in_planes * out_planes * 27) // (in_planes * 9 + 3 * out_planes)
+        super().__init__(
+            nn.Conv3d(in_planes, mid, (1, 3, 3), (1, stride, stride), (0, padding, padding), bias=False),
+            nn.BatchNorm3d(mid), nn.ReLU(inplace=True),
+            nn.Conv3d(mid, out_planes, (3, 1, 1), (stride, 1, 1), (padding, 0, 0), bias=False))
+
+    @staticmethod
+    def get_downsample_stride(stride):
+        return stride, stride, stride
+
+"""
+
+
+def recipe(target: str, arch) -> str:
+    """Python lines that build, in the consumer library itself, the model a ``target`` file of ``arch``
+    loads into with ``strict=True`` and computes the same logits with ("" for MMAction2: see the config)."""
+    fam, layers = arch.fam, list(arch.layers)
+    block = "BasicBlock" if arch.kind == "simple" else "Bottleneck"
+    if target == "torchvision":
+        if fam.name == "r3d" and arch.depth == 18:
+            build = f"model = torchvision.models.video.r3d_18(num_classes={arch.num_classes})"
+            imports = "import torchvision\nfrom torch import nn\n"
+            return f"{imports}{build}\n{_EPS_FIX}"
+        imports = ("from torch import nn\nfrom torchvision.models.video.resnet import "
+                   f"VideoResNet, {block}, ")
+        if fam.name == "r2plus1d":
+            head = imports + "R2Plus1dStem\n\n" + _TV_CONV2PLUS1D
+            build = f"model = VideoResNet({block}, [Conv2Plus1D] * 4, {layers}, R2Plus1dStem, num_classes={arch.num_classes})"
+        elif fam.name == "r3d":
+            head = imports + "Conv3DSimple, BasicStem\n"
+            build = f"model = VideoResNet({block}, [Conv3DSimple] * 4, {layers}, BasicStem, num_classes={arch.num_classes})"
+        else:
+            return ("# VMZ's own PyTorch port holds this layout: pt/vmz/models/csn.py "
+                    f"({fam.name.replace('csn', '_csn')}_{arch.depth}, num_classes={arch.num_classes}; BN eps 1e-3), "
+                    "with torchvision's VideoResNet")
+        if arch.conv1_kt != 3:
+            build += f"\n# conv1 temporal kernel {arch.conv1_kt}: replace the stem's temporal conv accordingly"
+        return f"{head}{build}\n{_EPS_FIX}"
+    if target == "pytorchvideo":
+        t, h = fam.protocol["clip_len"], fam.protocol["crop_size"]
+        return ("from torch import nn\nfrom pytorchvideo.models.csn import create_csn\n"
+                f"model = create_csn(model_depth={arch.depth}, model_num_class={arch.num_classes}, "
+                f"stem_pool=nn.MaxPool3d,\n                   head_pool_kernel_size=({t // 8}, {h // 32}, {h // 32}))"
+                f"   # (T/8, H/32, W/32) of your clips: global pooling\n{_EPS_FIX}")
+    return ""
