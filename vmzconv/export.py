@@ -1,0 +1,238 @@
+"""``vmzconv export``: a converted checkpoint as an ONNX graph, proven equal in ONNX Runtime before it is kept.
+
+The graph takes one input ``video`` [N, 3, T, H, W] (float32, normalised as the card says) and gives
+``logits`` [N, classes] and/or ``features`` [N, C] (the globally pooled vector). The batch axis is
+always dynamic; ``dynamic=True`` makes T, H and W dynamic too (global average pooling allows it).
+Before anything is written, ONNX Runtime (CPU) runs the fixed parity clip at batch 1 and 2 (and at
+a second clip size when dynamic) and must match the PyTorch model: max |difference| <= 1e-4, the
+same top-5 for logits, no NaN/Inf. The verdict, the source checkpoint's sha256, the arch and the
+expected input go into the graph's ``metadata_props`` (and ``OUT.onnx.json`` beside it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, parity
+from .errors import CheckError, OutputError, VmzconvError
+from .files import write_atomic
+
+OUTPUTS = ("logits", "features", "both")
+TOLERANCE = 1e-4
+MIN_OPSET = 18          # the torch.export-based exporter's floor
+
+
+class MissingExtraError(VmzconvError):
+    """An optional dependency is not installed."""
+
+
+def _require():
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (the exporter needs it)
+    except ImportError as e:
+        raise MissingExtraError(f"vmzconv export needs the optional extra 'onnx' ({e.name} is missing): "
+                                "pip install 'vmzconv[onnx]'") from None
+    return onnx, onnxruntime
+
+
+@dataclass
+class Proof:
+    passed: bool
+    checks: list = field(default_factory=list)      # one per (output, clip): max_abs_diff, top5 ...
+
+    def summary(self) -> str:
+        worst = max((c["max_abs_diff"] for c in self.checks), default=float("nan"))
+        shapes = ", ".join(sorted({"x".join(map(str, c["clip"])) for c in self.checks}))
+        return (f"{'PASS' if self.passed else 'FAIL'}: ONNX Runtime vs PyTorch, max |diff| {worst:.3g} "
+                f"(tolerance {TOLERANCE:g}) on {shapes}")
+
+
+@dataclass
+class Exported:
+    output: str
+    arch: str
+    opset: int
+    outputs: list
+    dynamic: bool
+    proof: Proof
+    seconds: float
+    card: str | None
+    metadata: dict
+
+
+class _Heads:
+    """The model with the outputs asked for: logits, the pooled features, or both."""
+
+    def __new__(cls, model, which: str):
+        import torch
+
+        class Heads(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, video):
+                feats = self.model.features(video)
+                if which == "features":
+                    return feats
+                logits = self.model.classifier()(feats)
+                return logits if which == "logits" else (logits, feats)
+
+        return Heads().eval()
+
+
+def max_exporter_opset() -> int:
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+        return int(ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return MIN_OPSET
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter logs progress and warnings about packages we do not use (torchvision ops)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _to_onnx(module, clip: np.ndarray, names: list[str], dynamic: bool, opset: int):
+    """The ONNX ModelProto of ``module`` traced on ``clip``."""
+    import torch
+
+    dims = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if dynamic:
+        dims |= {2: torch.export.Dim("T", min=8, max=4096), 3: torch.export.Dim("H", min=32, max=4096),
+                 4: torch.export.Dim("W", min=32, max=4096)}
+    with _quiet():
+        prog = torch.onnx.export(module, (torch.from_numpy(clip),), dynamo=True, opset_version=opset,
+                                 input_names=["video"], output_names=names, dynamic_shapes=(dims,),
+                                 external_data=False, optimize=True, verbose=False)
+    return prog.model_proto
+
+
+def prove(proto, module, clips: list[np.ndarray], names: list[str]) -> Proof:
+    """ONNX Runtime (CPU) against ``module`` on each clip, for each output."""
+    import torch
+
+    _, ort = _require()
+    try:
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:       # ORT raises its own exception types for a graph it cannot load
+        return Proof(False, [{"error": f"ONNX Runtime cannot load the graph: {str(e).splitlines()[0][:200]}",
+                              "max_abs_diff": float("nan"), "clip": []}])
+    checks = []
+    for clip in clips:
+        with torch.no_grad():
+            want = module(torch.from_numpy(clip))
+        want = [want] if len(names) == 1 else list(want)
+        got = sess.run(names, {"video": clip})
+        for name, w, g in zip(names, want, got):
+            w = w.numpy()
+            if name == "logits":
+                v = parity.compare(g, w, TOLERANCE, clip.shape)
+                checks.append({"output": name, "clip": list(clip.shape), "max_abs_diff": v.max_abs_diff,
+                               "top5_identical": v.top5_identical, "passed": v.passed, "reason": v.reason})
+            else:
+                finite = bool(np.isfinite(g).all() and np.isfinite(w).all())
+                diff = float(np.abs(g.astype(np.float64) - w).max()) if finite and g.shape == w.shape else float("nan")
+                ok = finite and g.shape == w.shape and diff <= TOLERANCE
+                checks.append({"output": name, "clip": list(clip.shape), "max_abs_diff": diff, "passed": ok,
+                               "reason": "" if ok else f"max |feature diff| {diff:.4g} (or NaN/Inf/shape)"})
+    return Proof(all(c["passed"] for c in checks), checks)
+
+
+def _check_output(out: Path, force: bool, card: bool) -> Path:
+    if out.suffix != ".onnx":
+        raise OutputError(f"{out}: the output must end in .onnx")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a folder")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: folder {out.parent} does not exist")
+    for p in (out, out.with_name(out.name + ".json")) if card else (out,):
+        if p.exists() and not force:
+            raise OutputError(f"{p}: already exists (use --force to overwrite)")
+    return out
+
+
+def export(ckpt: str | Path, out: str | Path, output: str = "logits", clip: tuple[int, int] | None = None,
+           dynamic: bool = False, opset: int | None = None, arch: str | None = None, card: bool = True,
+           force: bool = False) -> Exported:
+    """Export ``ckpt`` (anything :func:`load_converted` opens) to ``out``; raises CheckError and writes
+    nothing when ONNX Runtime disagrees with PyTorch."""
+    _require()
+    from .load import load_converted
+
+    t0 = time.perf_counter()
+    if output not in OUTPUTS:
+        raise VmzconvError(f"--output {output!r}: one of {', '.join(OUTPUTS)}")
+    out = _check_output(Path(out), force, card)
+    conv = load_converted(ckpt, arch)
+    if output != "features" and not conv.target.has_head:
+        raise VmzconvError(f"{ckpt}: a backbone-only ({conv.target.name}) file has no classifier; use --output features")
+    top = max_exporter_opset()
+    opset = opset or top
+    if not MIN_OPSET <= opset <= top:
+        raise VmzconvError(f"--opset {opset}: this exporter writes opsets {MIN_OPSET}-{top}")
+    names = ["logits", "features"] if output == "both" else [output]
+    module = _Heads(conv.model, output)
+    t, h = clip or conv.arch.fam.parity_clip
+    base = parity.fixed_clip(t, h)
+    clips = [base, parity.fixed_clip(t, h, n=2)]
+    if dynamic:
+        clips.append(parity.fixed_clip(2 * t, h + 32, n=1))
+    while True:
+        proto = _to_onnx(module, base, names, dynamic, opset)
+        proof = prove(proto, module, clips, names)
+        loadable = not any("cannot load" in c.get("error", "") for c in proof.checks)
+        if loadable or opset <= MIN_OPSET:
+            break
+        opset -= 1                # ONNX Runtime does not know this opset yet: the newest both support
+    if not proof.passed:
+        bad = next(c for c in proof.checks if not c.get("passed"))
+        raise CheckError(f"{ckpt}: the ONNX graph does not compute what the PyTorch model does — "
+                         f"{bad.get('reason') or bad.get('error')} on {'x'.join(map(str, bad['clip']))}; "
+                         "nothing was written")
+    inp = conv.meta.get("input") or {}
+    metadata = {
+        "vmzconv_version": __version__, "source_checkpoint": Path(conv.path).name,
+        "source_sha256": conv.sha256, "arch": conv.arch.name, "num_classes": conv.arch.num_classes,
+        "outputs": names, "opset": opset, "dynamic_axes": ["N", "T", "H", "W"] if dynamic else ["N"],
+        "input": {"name": "video", "shape": ["N", 3, "T" if dynamic else t, "H" if dynamic else h,
+                                             "W" if dynamic else h], "dtype": "float32", "layout": "NCTHW",
+                  "channel_order": "RGB", "normalisation": {k: inp[k] for k in ("mean", "std", "value_range")
+                                                            if k in inp}},
+        "proof": {"passed": proof.passed, "tolerance": TOLERANCE, "checks": proof.checks},
+    }
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    data = proto.SerializeToString()
+    write_atomic(out, lambda f: f.write(data))
+    card_file = None
+    if card:
+        card_file = out.with_name(out.name + ".json")
+        text = json.dumps(metadata, indent=2) + "\n"
+        write_atomic(card_file, lambda f: f.write(text.encode()))
+    return Exported(str(out), conv.arch.name, opset, names, dynamic, proof, round(time.perf_counter() - t0, 2),
+                    str(card_file) if card_file else None, metadata)
