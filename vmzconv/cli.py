@@ -14,6 +14,7 @@ from .arch import ARCH_NAMES, FAMILIES
 from .errors import CheckError, VmzconvError
 from .parity import DEFAULT_TOLERANCE, parse_clip
 from .targets import DEFAULT_TARGET, TARGETS, TARGET_NAMES
+from .text import render_table
 
 _FAMILY_LIST = ", ".join(f.title for f in FAMILIES.values())
 _TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
@@ -205,23 +206,51 @@ def inspect(src, max_bytes, as_json):
 @click.argument("converted", type=click.Path(dir_okay=False, path_type=Path))
 @_parity_clip_option
 @_tolerance_option
-@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+@click.option("--trace", is_flag=True,
+              help="Compare the output of the stem, of every residual block and of the head, and name the first "
+                   "stage that diverges (with what usually causes it there).")
+@click.option("--trace-tolerance", type=float, default=1e-4, show_default=True,
+              help="Largest relative difference (max |diff| / max |reference|) a traced stage may have.")
+@click.option("--bn-eps", type=float, help="Build the PyTorch side with this BN eps (e.g. 1e-5, pytorchvideo's) "
+              "to see where a consumer's choice starts to matter.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict (or trace) as JSON on stdout.")
 @_fail_cleanly
-def parity(src, converted, parity_clip, tolerance, as_json):
-    """Check an existing CONVERTED file (.pth or .safetensors) against SRC (its .pkl).
+def parity(src, converted, parity_clip, tolerance, trace, trace_tolerance, bn_eps, as_json):
+    """Check CONVERTED (a .pth or .safetensors: ours, MMAction2's, a torchvision-layout or bare state
+    dict of a VMZ model) against SRC, the .pkl it came from.
 
-    Exit status 0 when the logits agree within the tolerance with identical top-5, 1 otherwise.
+    Exit status 0 when the logits agree within the tolerance with identical top-5 (and, with --trace,
+    no stage diverges), 1 otherwise.
     """
     from . import parity as parity_mod
     from .convert import parity_of
 
-    a, target, verdict = parity_of(src, converted, parse_clip(parity_clip), tolerance)
+    a, target, result = parity_of(src, converted, parse_clip(parity_clip), tolerance, trace=trace,
+                                  trace_tolerance=trace_tolerance, bn_eps=bn_eps)
+    if trace:
+        if as_json:
+            click.echo(json.dumps({"arch": a.name, "target": target, **result.to_json()}, indent=2))
+        else:
+            click.echo(f"{converted} ({a.name}, {target}) vs {src}: stage outputs on the fixed clip")
+            rows = [["stage", "max |diff|", "rel diff", ""]]
+            for st in result.stages:
+                mark = "<- first divergent" if st.name == result.first_divergent else ("diverges" if st.divergent else "")
+                rows.append([st.name, f"{st.max_abs_diff:.3g}", f"{st.rel_diff:.3g}", (mark + " " + st.note).strip()])
+            click.echo(render_table(rows, right=(1, 2)))
+            if result.first_divergent:
+                click.echo(f"first divergent: {result.first_divergent} (relative diff > {trace_tolerance:g}); "
+                           f"usually {result.hint}")
+            click.echo(f"parity   {result.verdict.summary()}")
+        if not result.passed:
+            where = f"first divergent stage {result.first_divergent}" if result.first_divergent else result.verdict.reason
+            raise CheckError(f"{converted}: does not compute what Caffe2 computes — {where}")
+        return
     if as_json:
-        click.echo(json.dumps({"arch": a.name, "target": target, **verdict.to_meta(timings=True)}, indent=2))
+        click.echo(json.dumps({"arch": a.name, "target": target, **result.to_meta(timings=True)}, indent=2))
     else:
         click.echo(f"{converted} ({a.name}, {target}) vs {src}")
-        click.echo(f"parity   {verdict.summary()}")
-    parity_mod.require(verdict, str(converted))
+        click.echo(f"parity   {result.summary()}")
+    parity_mod.require(result, str(converted))
 
 
 @main.command()
@@ -229,7 +258,6 @@ def parity(src, converted, parity_clip, tolerance, as_json):
 def zoo(as_json):
     """List the known VMZ CSN pickles: arch, classes, pretraining, what MMAction2 file each becomes,
     the normalisation its MMAction2 config uses, and the published accuracy."""
-    from .text import render_table
     from .zoo import entries
 
     rows = [dict(e) for e in entries()]

@@ -201,20 +201,25 @@ def mmaction2_config(res: Result) -> str:
     return "\n".join(lines)
 
 
-def parity_of(src: str | Path, converted: str | Path, clip=None,
-              tolerance: float = parity.DEFAULT_TOLERANCE) -> tuple[arch_mod.Arch, str, parity.Verdict]:
-    """Parity of an existing converted file (ours, or any checkpoint in a known layout) against its pickle."""
+def parity_of(src: str | Path, converted: str | Path, clip=None, tolerance: float = parity.DEFAULT_TOLERANCE,
+              trace: bool = False, trace_tolerance: float = parity.DEFAULT_TRACE_TOLERANCE,
+              bn_eps: float | None = None):
+    """Parity of an existing converted file (ours, or any checkpoint in a known layout) against its pickle:
+    (arch, layout, Verdict), or with ``trace`` (arch, layout, Trace) comparing every stage. ``bn_eps``
+    builds the PyTorch side with another BN eps, as a consumer library might."""
     from .load import load_converted
 
     blobs = read_blobs(src)
     a = arch_mod.detect(blobs)
-    conv = load_converted(converted, a)
+    conv = load_converted(converted, a, **({"bn_eps": bn_eps} if bn_eps is not None else {}))
     head = None
     if not conv.target.has_head:
         table = mapping.load_table(mapping.builtin_table_path(a.family, conv.target.name))
         head = {role: blobs[b] for b, role in mapping.expand(table, a).dropped.items()}
-    verdict = parity.run(blobs, a, conv.model, head=head, clip_size=clip or a.fam.parity_clip, tolerance=tolerance)
-    return a, conv.target.name, verdict
+    clip = clip or a.fam.parity_clip
+    if trace:
+        return a, conv.target.name, parity.trace(blobs, a, conv.model, head, clip, trace_tolerance, tolerance)
+    return a, conv.target.name, parity.run(blobs, a, conv.model, head=head, clip_size=clip, tolerance=tolerance)
 
 
 def inspect(src: str | Path, max_bytes: int | None = None) -> dict:

@@ -120,3 +120,90 @@ def require(verdict: Verdict, what: str) -> None:
     if not verdict.passed:
         raise CheckError(f"{what}: parity FAILED — {verdict.reason} (top-1 {'same' if verdict.top1_agree else 'different'}, "
                          f"top-5 {'identical' if verdict.top5_identical else 'different'}); nothing was written")
+
+
+# -- trace: where a port stops computing what Caffe2 computes --------------------------------------
+
+HINTS = {
+    "stem": "the stem: pool1 (VMZ runs CSN with a max-pool after the stem, R(2+1)D/R3D without), the stem BN's "
+            "eps or statistics, or RGB/BGR order of conv1's input channels",
+    "block": "this block: its BN statistics or scale/bias (swapped?), a missing or extra ReLU, a (2+1)-D middle "
+             "width, or a stride",
+    "head": "the classifier only (the trunk agrees): class order, or the classifier blobs",
+}
+DEFAULT_TRACE_TOLERANCE = 1e-4
+
+
+@dataclass
+class Stage:
+    name: str
+    max_abs_diff: float
+    rel_diff: float
+    shape: list
+    divergent: bool
+    note: str = ""
+
+
+@dataclass
+class Trace:
+    stages: list
+    first_divergent: str | None
+    hint: str
+    verdict: Verdict
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.first_divergent is None and self.verdict.passed
+
+    def to_json(self) -> dict:
+        def num(v: float):
+            return v if np.isfinite(v) else ("nan" if np.isnan(v) else "inf")
+
+        return {"trace": [{"name": s.name, "max_abs_diff": num(s.max_abs_diff), "rel_diff": num(s.rel_diff)}
+                          | ({"note": s.note} if s.note else {}) for s in self.stages],
+                "first_divergent": self.first_divergent, "hint": self.hint or None,
+                "verdict": "pass" if self.passed else "fail", "tolerance": self.tolerance,
+                "parity": self.verdict.to_meta()}
+
+
+def _stage(name: str, ours: np.ndarray, ref: np.ndarray, tolerance: float) -> Stage:
+    if ours.shape != ref.shape:
+        return Stage(name, float("nan"), float("nan"), list(ref.shape), True,
+                     f"shape {list(ours.shape)} vs the reference's {list(ref.shape)}")
+    ours = np.asarray(ours, dtype=np.float64)
+    if not (np.isfinite(ours).all() and np.isfinite(ref).all()):
+        return Stage(name, float("nan"), float("nan"), list(ref.shape), True, "NaN or Inf")
+    diff = float(np.abs(ours - ref).max())
+    rel = diff / (float(np.abs(ref).max()) or 1.0)
+    return Stage(name, diff, rel, list(ref.shape), rel > tolerance)
+
+
+def trace(blobs, arch, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
+          tolerance: float = DEFAULT_TRACE_TOLERANCE, logit_tolerance: float = DEFAULT_TOLERANCE) -> Trace:
+    """The stem, every residual block and the head of ``model`` against the reference, in order, on the
+    fixed clip; the first stage whose relative difference exceeds ``tolerance`` (or is not finite)."""
+    import torch
+
+    clip = fixed_clip(*clip_size)
+    model.eval()
+    stages: list[Stage] = []
+    ours_stages = model.stages(torch.from_numpy(clip))
+    ref_stages = reference.stages(blobs.arrays, arch.family, arch.depth, clip)
+    with torch.no_grad():
+        for (name, ours), (ref_name, ref) in zip(ours_stages, ref_stages):
+            assert name == ref_name, (name, ref_name)
+            stages.append(_stage(name, ours.numpy(), ref, tolerance))
+            last_ours, last_ref = ours, ref
+        feats = last_ours.mean(dim=(2, 3, 4))
+        if model.has_head:
+            logits = model.classifier()(feats).numpy()
+        else:
+            logits = torch.nn.functional.linear(feats, torch.as_tensor(np.asarray(head["head.weight"])),
+                                                torch.as_tensor(np.asarray(head["head.bias"]))).numpy()
+    ref_logits = reference.head(blobs.arrays, arch.num_classes, last_ref)
+    stages.append(_stage("head", logits, ref_logits, tolerance))
+    verdict = compare(logits, ref_logits, logit_tolerance, clip.shape)
+    first = next((s.name for s in stages if s.divergent), None)
+    kind = None if first is None else ("block" if first.startswith("layer") else first)
+    return Trace(stages, first, HINTS.get(kind, ""), verdict, tolerance)
