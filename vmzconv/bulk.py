@@ -150,7 +150,7 @@ def run_job(job: Job, force: bool) -> Row:
         if meta is not None:
             row.status = "up-to-date"
             row.arch, row.classes, row.target = meta["arch"], meta["num_classes"], meta["target"]
-            row.parity_max_diff = meta["parity"]["max_abs_diff"]
+            row.parity_max_diff = (_card(job.output).get("parity_measured") or {}).get("max_abs_diff")
         else:
             res = convert(job.source, job.output, arch=job.arch, target=job.target, force=True)
             row.status, row.arch, row.classes, row.target = "converted", res.arch, res.num_classes, res.target
@@ -167,6 +167,15 @@ def run_job(job: Job, force: bool) -> Row:
     return row
 
 
+def _card(output: str) -> dict:
+    from .checkpoint import card_path
+
+    try:
+        return json.loads(card_path(Path(output)).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _release_memory() -> None:
     """Hand freed heap back to the OS between files, so a worker peaks no higher than one convert."""
     import gc
@@ -179,6 +188,16 @@ def _release_memory() -> None:
 
 
 def _init_worker(threads: int) -> None:
+    """Workers die with the coordinating process, whatever kills it (kill -9 included): Linux's
+    PR_SET_PDEATHSIG sends them SIGKILL, and they never outlive it writing without the lock."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))       # PR_SET_PDEATHSIG
+    if os.getppid() == 1:                 # the parent died before prctl took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent decides what an interrupt means
     import torch
 
     torch.set_num_threads(threads)
@@ -189,15 +208,31 @@ def _init_worker(threads: int) -> None:
 
 def acquire_lock(out_dir: Path, on_wait=None) -> int:
     """An exclusive lock on ``out_dir`` (released when the returned fd is closed, or the process dies):
-    a second bulk run on the same folder waits for the first."""
-    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        if on_wait:
-            on_wait()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+    a second bulk run on the same folder waits for the first. The holder removes the lock file when
+    it is done, so a waiter re-checks that the file it locked is still the one at the path."""
+    waited = False
+    while True:
+        fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait and not waited:
+                on_wait()
+            waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(out_dir / LOCK_NAME).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)                      # the previous holder removed it: lock the new one
+
+
+def release_lock(out_dir: Path, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out_dir / LOCK_NAME)    # while still holding it: waiters notice and retry
+    os.close(fd)
 
 
 def sweep_temp_files(out_dir: Path) -> list[str]:
@@ -226,7 +261,7 @@ def run(jobs: list[Job], out_dir: Path, n_jobs: int | None = None, force: bool =
         write_reports(out_dir, rows)
         return rows
     finally:
-        os.close(fd)
+        release_lock(out_dir, fd)
 
 
 def _convert_all(jobs: list[Job], out_dir: Path, n_jobs: int | None, force: bool, progress) -> list[Row]:
@@ -270,14 +305,26 @@ def _fmt_diff(v) -> str:
     return "" if v is None else f"{v:.2e}"
 
 
+def _input_root(rows: list[Row]) -> str:
+    """The folder every input lies under: rows show their path relative to it (two manifest entries
+    called model.pkl in different folders stay apart)."""
+    dirs = [os.path.dirname(os.path.abspath(r.file)) for r in rows]
+    return os.path.commonpath(dirs) if dirs else ""
+
+
+def _shown(file: str, root: str) -> str:
+    return os.path.relpath(os.path.abspath(file), root) if root else file
+
+
 def table(rows: list[Row], out_dir: Path | None = None) -> list[list[str]]:
     def rel(p: str) -> str:
         if not p:
             return ""
         return os.path.relpath(p, out_dir) if out_dir else p
 
+    src_root = _input_root(rows)
     head = ["file", "arch", "classes", "output", "parity max diff", "status", "seconds"]
-    body = [[Path(r.file).name, r.arch, "" if r.classes is None else str(r.classes),
+    body = [[_shown(r.file, src_root), r.arch, "" if r.classes is None else str(r.classes),
              rel(r.output) if r.ok else "", _fmt_diff(r.parity_max_diff), r.status, f"{r.seconds:.1f}"]
             for r in rows]
     return [head] + body
@@ -288,8 +335,9 @@ def render_text(rows: list[Row], out_dir: Path | None = None) -> str:
     from .text import render_table
 
     t = table(rows, out_dir)
+    root = _input_root(rows)
     lines = [render_table(t, right=(len(t[0]) - 1,))]
-    lines += [f"failed  {Path(r.file).name}: {r.reason}" for r in rows if not r.ok]
+    lines += [f"failed  {_shown(r.file, root)}: {r.reason}" for r in rows if not r.ok]
     return "\n".join(lines)
 
 

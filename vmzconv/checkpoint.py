@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, OutputError
-from .files import sha256_file, write_atomic
+from .files import check_writable, sha256_file, write_atomic
 
 SUFFIXES = (".pth", ".safetensors")
 META_KEY = "vmzconv_meta"
@@ -30,8 +30,7 @@ def check_output_path(out: str | Path, force: bool = False) -> Path:
         raise OutputError(f"{out}: is a folder")
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists (use --force to overwrite)")
-    if not out.parent.is_dir():
-        raise OutputError(f"{out}: folder {out.parent} does not exist")
+    check_writable(out.parent, str(out))
     return out
 
 
@@ -69,6 +68,19 @@ def save(path: str | Path, state_dict, meta: dict, force: bool = False) -> str:
     return write_atomic(path, lambda f: writer(f, state_dict, meta))[1]
 
 
+def prepare_publish_folder(folder: str | Path) -> Path:
+    """--publish writes into a folder, made if it does not exist yet."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: --publish needs a folder, this is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot create the --publish folder: {e.strerror or e}") from None
+    check_writable(folder, str(folder))
+    return folder
+
+
 def publish_name(name: str, date: str, sha256: str) -> str:
     """MMAction2 publish_model / torch.hub convention: ``NAME_YYYYMMDD-<sha256[:8]>.pth``."""
     return f"{name}_{date}-{sha256[:8]}.pth"
@@ -78,8 +90,6 @@ def save_published(folder: str | Path, name: str, date: str, state_dict, meta: d
                    force: bool = False) -> tuple[Path, str]:
     """Write ``folder/NAME_DATE-<sha8>.pth``; the name is known only once the bytes are."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise OutputError(f"{folder}: --publish needs an existing output folder")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
         raise OutputError(f"--publish {name!r}: use letters, digits, '_', '-' and '.' only")
     if not re.fullmatch(r"\d{8}", date):
@@ -119,6 +129,7 @@ def load(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]", dict]:
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"{path}: not a readable safetensors file: {e}") from None
         return OrderedDict(state), _safetensors_meta(path)
+    _sniff_not_a_checkpoint(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
@@ -131,6 +142,28 @@ def load(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]", dict]:
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     state = OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state.items())
     return state, dict(meta)
+
+
+def _sniff_not_a_checkpoint(path: Path) -> None:
+    """Name the files people hand to parity/verify by mistake before torch's loader says something cryptic."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not head:
+        raise InputError(f"{path}: the file is empty")
+    if head[:4] == b"PK\x03\x04" or head[:14] == b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19":
+        return                                         # torch.save: zip, or the legacy format
+    if head[:1] == b"\x80" or head[:1] in b"(}]" and b"blobs" in head:
+        raise InputError(f"{path}: this is a pickle (a VMZ Caffe2 .pkl?), not a converted checkpoint — "
+                         "run `vmzconv convert` on it first")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    if all(c.isprintable() or c in "\r\n\t" for c in text):
+        raise InputError(f"{path}: this is a text file, not a PyTorch checkpoint")
 
 
 def load_meta(path: str | Path) -> dict:

@@ -21,8 +21,20 @@ _TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
 _DEFAULT_TARGETS = ", ".join(f"{FAMILIES[f].title} -> {t}" for f, t in DEFAULT_TARGET.items())
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Ctrl-C, also when a library turned it into another error on the way out (torch.save's zip
+    writer raises RuntimeError while a KeyboardInterrupt unwinds it)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _fail_cleanly(fn):
-    """User errors become one line on stderr and an exit code; Ctrl-C leaves no traceback."""
+    """User errors become one line on stderr and an exit code; Ctrl-C (and SIGTERM) leave no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -31,11 +43,33 @@ def _fail_cleanly(fn):
         except VmzconvError as e:
             click.echo(f"vmzconv: error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
+        except BaseException as e:
+            if not _interrupted(e):
+                raise
             click.echo("vmzconv: interrupted; no partial output was left", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+class _Group(click.Group):
+    """click, with usage errors on one line like every other error, and SIGTERM handled like Ctrl-C."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        import signal
+
+        kwargs.pop("standalone_mode", None)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except click.exceptions.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "vmzconv"
+            click.echo(f"vmzconv: error: {e.format_message()} (see '{where} --help')", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("vmzconv: interrupted; no partial output was left", err=True)
+            sys.exit(130)
 
 
 class _Stages:
@@ -90,7 +124,7 @@ def _print_result(res, as_json: bool) -> None:
         click.echo(f"{k:<8} {v}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vmzconv")
 def main():
     """Convert VMZ (Caffe2) .pkl checkpoints (ir-CSN, ip-CSN, R(2+1)D, R3D) into PyTorch
@@ -131,7 +165,12 @@ _tolerance_option = click.option(
 @click.option("--card/--no-card", default=True, show_default=True,
               help="Write a model card OUT.json (the checkpoint's meta: source, arch, parity, preprocessing, "
                    "published accuracy of known zoo files).")
-@click.option("--print-config", is_flag=True, help="Print the MMAction2 config fields that load the result.")
+@click.option("--print-config", is_flag=True,
+              help="Print what loads the result: a complete MMAction2 config, or the torchvision / pytorchvideo lines "
+                   "that build the matching model.")
+@click.option("--check-consumer", is_flag=True,
+              help="Also build the model in torchvision / pytorchvideo itself (the card's recipe; the library must "
+                   "be importable) and require parity from it before writing.")
 @click.option("--mapping", "mapping_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Use this mapping table (TOML) instead of the built-in one.")
 @click.option("--parity/--no-parity", "check_parity", default=True, show_default=True,
@@ -143,8 +182,8 @@ _tolerance_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def convert(src, out, arch, target, keep_head, publish, date, card, print_config, mapping_path, check_parity,
-            parity_clip, tolerance, force, max_bytes, as_json, quiet):
+def convert(src, out, arch, target, keep_head, publish, date, card, print_config, check_consumer, mapping_path,
+            check_parity, parity_clip, tolerance, force, max_bytes, as_json, quiet):
     """Convert SRC (a VMZ .pkl) to OUT (.pth or .safetensors, by suffix).
 
     Reads SRC without executing it, maps every blob through a declarative table,
@@ -159,7 +198,7 @@ def convert(src, out, arch, target, keep_head, publish, date, card, print_config
         res = convert_file(src, out, arch=arch, target=target, mapping_path=mapping_path, check_parity=check_parity,
                            parity_clip=parse_clip(parity_clip), tolerance=tolerance, force=force,
                            keep_head=keep_head, card=card, publish=publish, date=date, max_bytes=max_bytes,
-                           progress=stages)
+                           progress=stages, consumer=check_consumer)
     finally:
         stages.close()
     _print_result(res, as_json)
@@ -447,7 +486,12 @@ def verify(ckpt, ann, data_root, ann_format, arch, filename_tmpl, label_map, dev
     opts = Options(str(ckpt), ann, data_root, ann_format, arch, None, kw.pop("mean"), kw.pop("std"), kw.pop("norm"),
                    filename_tmpl, label_map, device, precision, max_views, workers, cache, skip_bad, warmup=warmup,
                    threads=threads, quiet=quiet, protocol_overrides=_protocol_overrides(kw))
-    if expect_published and expect_top1 is None:          # known before the (long) run, not after
+    from .files import check_writable
+
+    for path in (out_file, report_file):                   # fail before the (long) run, not after
+        if path:
+            check_writable(Path(path).resolve().parent, str(path))
+    if expect_published and expect_top1 is None:
         expect_top1, expect_top5 = published_expectation(ckpt)
     outcome = run_verify(opts)
     if not outcome.report:          # a non-zero rank under torchrun: rank 0 reports
@@ -475,6 +519,9 @@ def verify(ckpt, ann, data_root, ann_format, arch, filename_tmpl, label_map, dev
                       f"{t['warmup_videos_excluded']} warm-up ones; lower --warmup)")
     click.echo(f"speed        {t['end_to_end_video_per_s']} video/s end to end; {inference} on {rep['device']}"
                + (f"; peak GPU memory {t['peak_gpu_memory_mib']} MiB" if t["peak_gpu_memory_mib"] is not None else ""))
+    if expect_published:
+        click.echo("expect       published numbers of the zoo entry matched by FILE NAME only (unverified: no "
+                   "sha256 of the released files is known)")
     for c in checks:
         click.echo(f"expect       {c['metric']} {c['expected']:.2f}% +- {tolerance}: measured {c['measured']:.2f}% -> "
                    f"{'PASS' if c['passed'] else 'FAIL'}")

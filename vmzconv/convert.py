@@ -11,7 +11,7 @@ import numpy as np
 
 from . import __version__, arch as arch_mod, checkpoint, mapping, parity, zoo
 from .blobs import Blobs, read_blobs
-from .errors import MappingError, OutputError
+from .errors import CheckError, MappingError, OutputError, VmzconvError
 from .targets import DEFAULT_TARGET, get_target, recipe
 
 PRETRAIN_ONLY_CLASSES = {359: "IG-65M", 487: "Sports-1M"}
@@ -70,7 +70,7 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
         },
         "build": recipe(target, a) or "see `vmzconv convert --print-config` (an MMAction2 config)",
         "notes": list(blobs.notes) + list(notes),
-        "parity": verdict.to_meta() if verdict is not None else None,
+        "parity": verdict.to_meta(measured=False) if verdict is not None else None,
         "zoo": None,
     }
     entry = zoo.lookup(blobs.source)
@@ -81,10 +81,52 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
             "mmaction2_config_norm": entry.get("norm"),
             "mmaction2_config_mean_std": zoo.NORMS[entry["norm"]] if entry.get("norm") else None,
             "published_accuracy": zoo.published_accuracy(entry),
+            "matched_by": "file name only (case-insensitive, or its f<id>): unverified, since no sha256 of the "
+                          "released files is known; a renamed file would be carded the same",
         }
         if "clip_len" in entry:                        # e.g. R(2+1)D-34 clip 8 vs clip 32
             meta["input"]["clip_len"] = int(entry["clip_len"])
     return meta
+
+
+def card_of(meta: dict, verdict: parity.Verdict | None) -> dict:
+    """The model card: the checkpoint's meta, plus the measured parity figures (kept out of the
+    checkpoint so that its bytes do not change with thread counts)."""
+    card = dict(meta)
+    if verdict is not None:
+        card["parity_measured"] = verdict.to_meta()
+    return card
+
+
+def check_consumer(target: str, a: arch_mod.Arch, state_dict, blobs: Blobs, clip_size,
+                   tolerance: float = parity.DEFAULT_TOLERANCE) -> parity.Verdict:
+    """Build the model with the card's recipe in the consumer library itself (torchvision, pytorchvideo),
+    load ``state_dict`` strictly, and compare its logits with the reference on the parity clip."""
+    code = recipe(target, a)
+    if not code or code.startswith("#"):
+        raise CheckError(f"--check-consumer: no library recipe to run for {a.name} in the {target} layout "
+                         "(MMAction2: run the config --print-config prints)")
+    import torch
+
+    namespace: dict = {}
+    try:
+        exec(compile(code, f"<{target} recipe>", "exec"), namespace)      # our own recipe text, never input data
+    except ImportError as e:
+        raise VmzconvError(f"--check-consumer: {e.name or target} is not importable here ({e}); "
+                           "the recipe in the card is unchecked") from None
+    model = namespace["model"]
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckError(f"--check-consumer: the file does not load into {target}'s own model: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    clip = parity.fixed_clip(*clip_size)
+    with torch.no_grad():
+        ours = model.eval()(torch.from_numpy(clip)).numpy()
+    from . import reference
+
+    ref = reference.forward(blobs.arrays, a.family, a.depth, a.num_classes, clip)
+    return parity.compare(ours, ref, tolerance, clip.shape)
 
 
 def choose_target(a: arch_mod.Arch, target: str, keep_head: bool) -> tuple[str, list[str]]:
@@ -120,7 +162,7 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
             parity_clip=None, tolerance: float = parity.DEFAULT_TOLERANCE,
             force: bool = False, keep_head: bool = False, card: bool = True,
             publish: str | None = None, date: str | None = None, max_bytes: int | None = None,
-            progress=None) -> Result:
+            progress=None, consumer: bool = False) -> Result:
     """Convert one VMZ pickle. Raises a VmzconvError (and writes nothing) on any failure.
 
     ``out`` is the output file, or with ``publish`` the folder that receives
@@ -128,10 +170,12 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
     """
     step = progress or (lambda name: None)
     t0 = time.perf_counter()
-    if publish is None:
+    if publish is None:                     # everything checkable is checked before the work
         out = checkpoint.check_output_path(out, force)
         if card and checkpoint.card_path(out).exists() and not force:
             raise OutputError(f"{checkpoint.card_path(out)}: already exists (use --force to overwrite)")
+    else:
+        out = checkpoint.prepare_publish_folder(out)
     options = {"arch": arch, "target": target} | ({"keep_head": True} if keep_head else {})
     step("read")
     blobs = read_blobs(src, max_bytes)
@@ -146,6 +190,14 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
         verdict = parity.run(blobs, a, model, head=head, clip_size=parity_clip or a.fam.parity_clip,
                              tolerance=tolerance)
         parity.require(verdict, str(src))
+    if consumer:
+        step("consumer")
+        v = check_consumer(target, a, mapped.state_dict, blobs, parity_clip or a.fam.parity_clip, tolerance)
+        if not v.passed:
+            raise CheckError(f"--check-consumer: {target}'s own model, built as the card says, does not compute "
+                             f"what Caffe2 computes — {v.reason}; nothing was written")
+        notes = notes + [f"--check-consumer: {target}'s own model built by the card's recipe passes parity "
+                         f"(max |logit diff| {v.max_abs_diff:.2g})"]
     step("write")
     meta = build_meta(blobs, a, target, table, mapped, verdict, builtin_table=mapping_path is None, notes=notes,
                       options=options)
@@ -154,7 +206,7 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
         out, sha = checkpoint.save_published(out, publish, day, mapped.state_dict, meta, force=force)
     else:
         sha = checkpoint.save(out, mapped.state_dict, meta, force=force)
-    card_file = str(checkpoint.write_card(out, meta)) if card else None
+    card_file = str(checkpoint.write_card(out, card_of(meta, verdict))) if card else None
     return Result(str(out), sha, a.name, a.num_classes, target, len(mapped.state_dict),
                   meta["blobs"]["converted"], mapped.ignored, mapped.dropped_blobs, meta["notes"], verdict,
                   round(time.perf_counter() - t0, 3), card_file, meta)
@@ -180,7 +232,9 @@ def mmaction2_config(res: Result) -> str:
                 f"model.load_state_dict(torch.load('{path}', weights_only=True)['state_dict'], strict=True)\n"
                 f"# input: RGB, NCTHW, 0-255, mean {norm['mean']}, std {norm['std']}")
     zoo_info = meta.get("zoo")
-    lines = [f"# MMAction2 config for {Path(path).name} ({a.name}, {a.num_classes} classes)"]
+    lines = [f"# MMAction2 1.x config for {Path(path).name} ({a.name}, {a.num_classes} classes); save it as a "
+             ".py file and run: python tools/test.py THIS.py " + (path if res.target == "mmaction2" else "CKPT"),
+             "_base_ = ['mmaction::_base_/default_runtime.py']   # in a checkout: '../../_base_/default_runtime.py'"]
     if zoo_info and zoo_info["mmaction2_config_norm"] != "vmz":
         lines.append(f"# The published MMAction2 config for this model normalises with {zoo_info['mmaction2_config_norm']} "
                      f"mean/std {zoo_info['mmaction2_config_mean_std']}; VMZ trained it with the values below.")
@@ -197,8 +251,41 @@ def mmaction2_config(res: Result) -> str:
     lines.append("model = " + _py(model))
     if res.target == "mmaction2":
         lines.append(f"load_from = '{path}'")
+    lines += _mmaction2_test_part(norm)
     lines.append(f"# MMAction2 0.x instead: img_norm_cfg = dict(mean={norm['mean']}, std={norm['std']}, to_bgr=False)")
     return "\n".join(lines)
+
+
+def _mmaction2_test_part(p: dict) -> list[str]:
+    """MMAction2 1.x test pipeline, loader, evaluator and loop for the card's protocol."""
+    resize = (f"dict(type='Resize', scale=({p['resize'][0]}, {p['resize'][1]}), keep_ratio=False)" if p.get("resize")
+              else f"dict(type='Resize', scale=(-1, {p['short_side']}))")
+    crop = (f"dict(type='ThreeCrop', crop_size={p['crop_size']})" if p["num_crops"] == 3
+            else f"dict(type='CenterCrop', crop_size={p['crop_size']})")
+    lines = []
+    if p.get("protocol") == "vmz":
+        lines.append("# VMZ's own test spaced clip starts as floor(k*(F-span)/(n-1)); MMAction2's SampleFrames rounds "
+                     "instead (a frame apart at most); `vmzconv verify` does VMZ's.")
+    return lines + [
+        "dataset_type = 'VideoDataset'",
+        "data_root_val = 'data/kinetics400/videos_val'                      # your videos",
+        "ann_file_test = 'data/kinetics400/kinetics400_val_list_videos.txt'  # 'path label' per line",
+        "test_pipeline = [",
+        "    dict(type='DecordInit'),",
+        f"    dict(type='SampleFrames', clip_len={p['clip_len']}, frame_interval={p['frame_interval']}, "
+        f"num_clips={p['num_clips']}, test_mode=True),",
+        "    dict(type='DecordDecode'),",
+        f"    {resize},",
+        f"    {crop},",
+        "    dict(type='FormatShape', input_format='NCTHW'),",
+        "    dict(type='PackActionInputs')]",
+        "test_dataloader = dict(batch_size=1, num_workers=2, persistent_workers=True,",
+        "    sampler=dict(type='DefaultSampler', shuffle=False),",
+        "    dataset=dict(type=dataset_type, ann_file=ann_file_test, data_prefix=dict(video=data_root_val),",
+        "                 pipeline=test_pipeline, test_mode=True))",
+        "test_evaluator = dict(type='AccMetric')",
+        "test_cfg = dict(type='TestLoop')",
+    ]
 
 
 def parity_of(src: str | Path, converted: str | Path, clip=None, tolerance: float = parity.DEFAULT_TOLERANCE,

@@ -50,3 +50,16 @@ def write_atomic(path: Path, write, rename=None):
             raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None
         raise
     return final, result
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Fail now, not after the work, when ``folder`` does not exist or takes no new file (a probe file is
+    created and removed: permission bits alone say nothing for root or on a read-only mount)."""
+    if not folder.is_dir():
+        raise OutputError(f"{what}: folder {folder} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vmzconv-probe.", dir=folder)
+    except OSError as e:
+        raise OutputError(f"{what}: cannot write in {folder}: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)

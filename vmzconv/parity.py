@@ -53,12 +53,19 @@ class Verdict:
     reference_seconds: float
     model_seconds: float
 
-    def to_meta(self, timings: bool = False) -> dict:
-        """Plain types; without timings unless asked, so the same input gives the same checkpoint bytes."""
+    # What the checkpoint file records: the outcome and the setting, never a measured float. The
+    # measured figures (max_abs_diff, ...) vary in their last bits with thread counts and BLAS builds,
+    # so they live in the model card beside the file; the file's bytes stay a function of its input.
+    RECORDED = ("passed", "tolerance", "clip", "top1_agree", "top5_identical", "reason")
+
+    def to_meta(self, timings: bool = False, measured: bool = True) -> dict:
+        """Plain types. ``measured=False``: only the outcome (what goes into the checkpoint's bytes)."""
         d = asdict(self)
         if not timings:
             d.pop("reference_seconds")
             d.pop("model_seconds")
+        if not measured:
+            d = {k: v for k, v in d.items() if k in self.RECORDED}
         return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in d.items()}
 
     def summary(self) -> str:

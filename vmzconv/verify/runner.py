@@ -151,6 +151,19 @@ def run(opts: Options) -> Outcome:
                 dist.destroy_process_group()
 
 
+def check_items(items, classes: int, skip_bad: bool, ann) -> None:
+    """Before the first forward: every label is a class of the model, every video file exists."""
+    bad = [it for it in items if not 0 <= it.label < classes]
+    if bad:
+        raise InputError(f"{ann}: {bad[0].name}: label {bad[0].label} is not a class of this {classes}-class model"
+                         + (f" ({len(bad)} such lines)" if len(bad) > 1 else ""))
+    missing = [it for it in items if it.kind == "video" and not os.path.exists(it.path)]
+    if missing and not skip_bad:
+        raise InputError(f"{missing[0].path}: no such video file"
+                         + (f" ({len(missing)} of the list's videos are missing)" if len(missing) > 1 else "")
+                         + " — fix the list or pass --skip-bad")
+
+
 def _load(opts: Options):
     conv = load_converted(opts.ckpt, opts.arch)
     if not conv.target.has_head:
@@ -192,6 +205,7 @@ def _run(opts: Options, rank: int, world: int) -> Outcome:
     items = annotations.read(opts.ann, opts.data_root, opts.ann_format)
     names = annotations.label_names(opts.label_map)
     conv = _load(opts)
+    check_items(items, conv.arch.num_classes, opts.skip_bad, opts.ann)
     if opts.protocol is None:
         opts.protocol = Protocol.from_card(conv.meta.get("input"), **opts.protocol_overrides)
     mean, std = mean_std(opts, conv.meta)
