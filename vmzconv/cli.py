@@ -428,6 +428,11 @@ def _protocol_overrides(kw: dict) -> dict:
     return over
 
 
+def _safe(text: str) -> str:
+    """Attacker-chosen text (file names) printed as one printable line."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _describe_protocol(p: dict) -> str:
     size = f"resized to {p['resize'][0]}x{p['resize'][1]}" if p.get("resize") else f"short side {p['short_side']}"
     return (f"{p['name']}: {p['num_clips']} clips x {p['num_crops']} crops, {p['clip_len']} frames every "
@@ -567,6 +572,98 @@ def export(ckpt, out, output, clip, dynamic, opset, arch, card, force, as_json):
                  f"{', '.join(res.outputs)}, dynamic {'N, T, H, W' if res.dynamic else 'N'}"),
                  ("proof", res.proof.summary()), ("card", res.card or "-"), ("seconds", f"{res.seconds:.1f}")):
         click.echo(f"{k:<8} {v}")
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("videos", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes shown per video.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False),
+              help="Class names, one per line (default: built in for Kinetics-400 and Sports-1M; "
+                   "IG-65M's 359 classes have none, so indices are shown).")
+@click.option("--arch", type=click.Choice(ARCH_NAMES), help="Required for checkpoints without vmzconv meta.")
+@_protocol_options
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Autocast precision on CUDA (CPU always runs fp32).")
+@click.option("--max-views", type=click.IntRange(min=1), default=30, show_default=True, help="Views per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), help="Decoding worker processes (default: min(4, cores-1)).")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: 0-based class indices, probabilities in 0-1.")
+@_fail_cleanly
+def predict(ckpt, videos, top_k, labels, arch, device, precision, max_views, workers, threads, as_json, **kw):
+    """What is in each VIDEO: CKPT's recorded test protocol (the one `verify` runs, with the same options
+    and defaults), softmax per view, mean over views; the top-k classes with names and probabilities."""
+    from .predict import predict as run_predict
+
+    results, p, conv = run_predict(str(ckpt), list(videos), arch=arch, top_k=top_k, labels=labels,
+                                   norm=kw.pop("norm"), mean=kw.pop("mean"), std=kw.pop("std"),
+                                   protocol_overrides=_protocol_overrides(kw), device=device, precision=precision,
+                                   max_views=max_views, workers=workers, threads=threads)
+    if as_json:
+        click.echo(json.dumps([{"video": r.video, "top": [{"index": c, "name": n, "probability": pr}
+                                                          for c, n, pr in r.top]} for r in results], indent=2))
+        return
+    click.echo(f"{ckpt} ({conv.arch.name}, {conv.arch.num_classes} classes); protocol "
+               f"{_describe_protocol(p.to_dict())}")
+    for r in results:
+        click.echo(_safe(r.video))
+        rows = [[f"  {k + 1}.", f"{pr * 100:6.2f}%", f"[{c}]", n or "(no class names for this model)"]
+                for k, (c, n, pr) in enumerate(r.top)]
+        click.echo(render_table(rows, right=(1,)))
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("videos", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where NAME.npy (or features.h5) and index.csv go.")
+@click.option("--ann", type=click.Path(exists=True, dir_okay=False),
+              help="Instead of VIDEOS: a list (one video per line, or any list verify reads) under --data-root.")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False), help="Folder the --ann paths are under.")
+@click.option("--layer", type=click.Choice(["pool", "logits", "probs"]), default="pool", show_default=True,
+              help="pool: the globally pooled vector that feeds the classifier (2048-d, 512-d for depth 18/34).")
+@click.option("--stride", type=click.IntRange(min=1), help="Frames between window starts (default: clip_len x interval).")
+@click.option("--fps", type=click.FloatRange(min=0.01), help="Resample the decoded frames to F frames per second first.")
+@click.option("--crop", type=click.Choice(["center", "none", "three"]), default="center", show_default=True,
+              help="center crop, the whole resized frame, or the mean over three crops.")
+@click.option("--format", "fmt", type=click.Choice(["npy", "h5"]), default="npy", show_default=True)
+@click.option("--arch", type=click.Choice(ARCH_NAMES), help="Required for checkpoints without vmzconv meta.")
+@_protocol_options
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), help="Decoding worker processes (default: min(4, cores-1)).")
+@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads per process; fix it for bit-identical reruns.")
+@click.option("--force", is_flag=True, help="Redo videos whose outputs are up to date.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable videos (listed in skipped.txt) instead of failing.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def features(ckpt, videos, out_dir, ann, data_root, layer, stride, fps, crop, fmt, arch, batch, workers, device,
+             precision, threads, force, skip_bad, quiet, **kw):
+    """Clip features of whole videos in sliding windows, for localisation and retrieval.
+
+    Windows start at frames 0, S, 2S, ... while start + span <= frames (span = (clip_len-1) x interval + 1,
+    S = --stride); a video shorter than one span gives one window whose missing frames repeat the last.
+    Per video NAME.npy [windows, D] (float32), plus index.csv (video,row,start_frame,end_frame,start_sec,
+    end_sec,fps) over every video. Resumable: a video whose output matches the options and the
+    checkpoint's sha256 is skipped. Under `torchrun` the videos are sharded over ranks.
+    """
+    from .features import Options as FeatureOptions
+    from .features import run as run_features
+
+    opts = FeatureOptions(str(ckpt), list(videos), str(out_dir), ann, data_root, arch, layer, crop, stride, fps, fmt,
+                          batch, workers, device, precision, threads, force, skip_bad, quiet, kw.pop("norm"),
+                          kw.pop("mean"), kw.pop("std"), _protocol_overrides(kw))
+    if not videos and not ann:
+        raise VmzconvError("features: give VIDEOS, or --ann LIST with --data-root DIR")
+    res = run_features(opts)
+    if res.index is None:           # a non-zero rank under torchrun: rank 0 reports
+        return
+    click.echo(f"videos   {res.done} of {res.videos} with features"
+               + (f"; {len(res.skipped)} SKIPPED (see skipped.txt)" if res.skipped else ""))
+    click.echo(f"windows  {res.windows} rows of {res.dim}-d features")
+    click.echo(f"index    {res.index}" + (f"\nh5       {res.h5}" if res.h5 else ""))
 
 
 @main.command()

@@ -84,50 +84,56 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
 
-class _Views(torch.utils.data.Dataset):
-    """item -> (key, uint8 views, None) or (key, None, error text): a bad video is a value, never a
-    worker traceback; the consumer decides what to do with it."""
+class _Chunks(torch.utils.data.IterableDataset):
+    """Items split over the DataLoader's workers (item i goes to worker i mod n); ``load(item)`` gives the
+    item's uint8 views as one array, or as an iterator of (views, info) chunks (a long video's windows,
+    a few at a time). A bad item is a value, never a worker traceback: the consumer decides."""
 
     def __init__(self, items, load: Callable):
         self.items, self.load = items, load
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        try:
-            return i, torch.from_numpy(np.ascontiguousarray(self.load(item))), None
-        except VmzconvError as e:
-            return i, None, str(e)
-
-
-def _first(batch):
-    return batch[0]
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(wid, len(self.items), n):
+            try:
+                produced = self.load(self.items[i])
+                chunks = [(produced, None)] if isinstance(produced, np.ndarray) else produced
+                for views, extra in chunks:
+                    yield i, torch.from_numpy(np.ascontiguousarray(views)), extra, None, False
+            except VmzconvError as e:
+                yield i, None, None, str(e), True
+                continue
+            yield i, None, None, None, True
 
 
 @dataclass
 class Output:
     item: object
-    value: torch.Tensor | None       # [V, D] float32, CPU
+    value: torch.Tensor | None       # [V, D] float32 on the CPU, for one chunk of the item's views
     error: str | None
-    seconds: float                    # model time for this item (device-synchronised)
+    seconds: float                    # model time for this chunk (device-synchronised)
+    info: object = None               # what load() attached to the chunk (e.g. its windows)
+    done: bool = False                # the item's last message: no value, maybe an error
 
 
 def stream(engine: Engine, fn: Callable, items: list, load: Callable, mean, std,
            workers: int | None = None) -> Iterator[Output]:
-    """One :class:`Output` per item, in order: ``load(item)`` (in ``workers`` processes) gives its uint8
-    views, ``fn`` (e.g. the model, or ``model.features``) runs on them through ``engine``."""
+    """For each item, one :class:`Output` per chunk of views, then one with ``done`` (carrying the error
+    if the item could not be read). ``load(item)`` runs in ``workers`` processes; ``fn`` (the model, or
+    ``model.features``) runs on each chunk through ``engine``. Items of different workers interleave;
+    each item's messages arrive in order."""
     workers = default_workers() if workers is None else workers
+    workers = min(workers, len(items))
     loader = torch.utils.data.DataLoader(
-        _Views(items, load), batch_size=1, shuffle=False, num_workers=workers, collate_fn=_first,
-        pin_memory=engine.device.type == "cuda", prefetch_factor=2 if workers else None, persistent_workers=False)
-    for i, views, err in loader:
-        if views is None:
-            yield Output(items[i], None, err, 0.0)
+        _Chunks(items, load), batch_size=None, num_workers=workers, pin_memory=engine.device.type == "cuda",
+        prefetch_factor=2 if workers else None, persistent_workers=False)
+    for i, views, info, err, done in loader:
+        if done:
+            yield Output(items[i], None, err, 0.0, None, True)
             continue
         engine.synchronize()
         t0 = time.perf_counter()
         out = engine.run(fn, views, mean, std)
         engine.synchronize()
-        yield Output(items[i], out, None, time.perf_counter() - t0)
+        yield Output(items[i], out, None, time.perf_counter() - t0, info)

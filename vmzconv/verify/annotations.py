@@ -37,7 +37,7 @@ def _video_index(root: Path) -> dict[str, str]:
     return index
 
 
-def read(ann: str | Path, data_root: str | Path, fmt: str = "auto") -> list[Item]:
+def read(ann: str | Path, data_root: str | Path, fmt: str = "auto", unlabelled_ok: bool = False) -> list[Item]:
     """Parse ``ann``; ``fmt`` is videos (``path label``), rawframes (``dir total label``),
     kinetics (``video_id, num_frames, label``: a video file found under ``data_root`` by id,
     or a frame folder of that name), or auto (by the number of fields)."""
@@ -58,6 +58,9 @@ def read(ann: str | Path, data_root: str | Path, fmt: str = "auto") -> list[Item
         kind = fmt
         if fmt == "auto":
             kind = "videos" if len(fields) == 2 else "rawframes" if len(fields) == 3 else "?"
+            if len(fields) == 1 and unlabelled_ok:          # a plain list of videos (features)
+                items.append(Item(len(items), fields[0], -1, str(root / fields[0]), "video"))
+                continue
         try:
             if kind == "videos" and len(fields) == 2:
                 name, label = fields[0], int(fields[1])

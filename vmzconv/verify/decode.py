@@ -88,3 +88,68 @@ def load_views(item: Item, p: P.Protocol, filename_tmpl: str = "img_{:05d}.jpg")
     if len(sizes) != 1:
         raise DecodeError(f"{item.path}: frames change size mid-video ({sorted(sizes)[:2]})")
     return P.views(frames, p)
+
+
+def video_rate(path: str) -> float:
+    """The video stream's average frame rate (frames per second)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise DecodeError(f"{path}: no video stream")
+            rate = container.streams.video[0].average_rate or container.streams.video[0].guessed_rate
+    except (av.error.FFmpegError, OSError) as e:
+        raise DecodeError(f"{path}: cannot open video: {e}") from None
+    if not rate:
+        raise DecodeError(f"{path}: the video does not say its frame rate (use --fps)")
+    return float(rate)
+
+
+def iter_frames(path: str, fps: float | None = None):
+    """Every RGB frame of a whole video, in order, streamed (a long video never sits in memory). With
+    ``fps``, frames are resampled to that rate: output frame k is the decoded frame whose timestamp is
+    nearest to k / fps, for every k / fps before the video's end."""
+    import av
+
+    if not os.path.exists(path) or os.path.isdir(path):
+        raise DecodeError(f"{path}: no such video file")
+    rate = video_rate(path)
+    try:
+        container = av.open(path)
+    except (av.error.FFmpegError, OSError) as e:
+        raise DecodeError(f"{path}: cannot open video: {e}") from None
+    produced = 0
+    with container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        prev, prev_t, k, n = None, 0.0, 0, 0
+        try:
+            for frame in container.decode(stream):
+                t = float(frame.time) if frame.time is not None else n / rate
+                n += 1
+                if fps is None:
+                    produced += 1
+                    yield frame.to_ndarray(format="rgb24")
+                    continue
+                if prev is not None:
+                    mid = (prev_t + t) / 2
+                    rgb = None
+                    while k / fps < mid:                 # targets nearer to the previous frame
+                        rgb = prev.to_ndarray(format="rgb24") if rgb is None else rgb
+                        produced += 1
+                        yield rgb
+                        k += 1
+                prev, prev_t = frame, t
+        except (av.error.FFmpegError, ValueError) as e:
+            raise DecodeError(f"{path}: decoding failed after {n} frames: {e}") from None
+        if fps is not None and prev is not None:
+            end = prev_t + 1.0 / rate
+            rgb = None
+            while k / fps < end - 1e-9:
+                rgb = prev.to_ndarray(format="rgb24") if rgb is None else rgb
+                produced += 1
+                yield rgb
+                k += 1
+    if not produced:
+        raise DecodeError(f"{path}: no decodable frames")

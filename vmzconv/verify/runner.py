@@ -180,8 +180,10 @@ def _evaluate(opts: Options, engine: Engine, model, todo, labels: dict, cache: C
     load = functools.partial(decode.load_views, p=opts.protocol, filename_tmpl=opts.filename_tmpl)
     for out in stream(engine, model, todo, load, mean, std, opts.workers):
         index = out.item.index
-        bar.update(1)
-        if out.value is None:
+        if out.done:
+            bar.update(1)
+            if out.error is None:
+                continue
             skipped[index] = out.error
             if not opts.skip_bad and dist_info()[1] == 1:
                 break

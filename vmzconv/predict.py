@@ -1,0 +1,78 @@
+"""``vmzconv predict``: what is in this video? The checkpoint's recorded test protocol (as ``verify``
+runs it: softmax per view, mean over views), top-k classes with names."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .verify import annotations, decode
+from .verify.protocol import Protocol
+
+# Built-in class names by class count (IG-65M's 359 pretraining classes have no public names).
+BUILTIN_LABELS = {400: "kinetics400.txt", 487: "sports1m.txt"}
+
+
+def class_names(num_classes: int, labels_file: str | None = None) -> list[str] | None:
+    """--labels FILE, else the built-in list for 400 (Kinetics-400) or 487 (Sports-1M) classes, else None."""
+    if labels_file:
+        names = annotations.label_names(labels_file)
+        if len(names) != num_classes:
+            raise InputError(f"{labels_file}: {len(names)} names for a {num_classes}-class model")
+        return names
+    if num_classes not in BUILTIN_LABELS:
+        return None
+    path = Path(__file__).parent / "labels" / BUILTIN_LABELS[num_classes]
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+@dataclass
+class Prediction:
+    video: str
+    probs: np.ndarray           # averaged probabilities, one per class
+    top: list                   # [(index, name or None, probability)]
+
+
+def predict(ckpt: str, videos: list[str], arch: str | None = None, top_k: int = 5, labels: str | None = None,
+            protocol_overrides: dict | None = None, norm: str | None = None, mean=None, std=None,
+            device: str | None = None, precision: str = "fp32", max_views: int = 30, workers: int | None = None,
+            threads: int | None = None) -> tuple[list[Prediction], Protocol, object]:
+    import torch
+
+    from .inference import Engine, pick_device, stream
+    from .load import load_converted
+    from .verify.runner import Options, mean_std
+
+    conv = load_converted(ckpt, arch)
+    if not conv.target.has_head:
+        raise InputError(f"{ckpt}: a backbone-only ({conv.target.name}) checkpoint has no classifier to predict with "
+                         "(`vmzconv features --layer pool` gives its features)")
+    names = class_names(conv.arch.num_classes, labels)
+    p = Protocol.from_card(conv.meta.get("input"), **(protocol_overrides or {}))
+    m, s = mean_std(Options(ckpt, "", "", norm=norm, mean=mean, std=std), conv.meta)
+    missing = [v for v in videos if not os.path.exists(v) or os.path.isdir(v)]
+    if missing:
+        raise InputError(f"{missing[0]}: no such video file")
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    engine = Engine(pick_device(device), precision, max_views)
+    model = engine.prepare(conv.model)
+    items = [annotations.Item(i, v, -1, v, "video") for i, v in enumerate(videos)]
+    load = functools.partial(decode.load_views, p=p)
+    probs: dict[int, np.ndarray] = {}
+    for out in stream(engine, model, items, load, m, s, workers):
+        if out.done:
+            if out.error:
+                raise InputError(out.error)
+            continue
+        probs[out.item.index] = torch.softmax(out.value, dim=1).mean(dim=0).numpy().astype(np.float64)
+    results = []
+    for it in items:
+        pr = probs[it.index]
+        order = np.argsort(-pr, kind="stable")[:top_k]
+        results.append(Prediction(it.path, pr, [(int(c), names[c] if names else None, float(pr[c])) for c in order]))
+    return results, p, conv
