@@ -114,3 +114,24 @@ def convert_fails(cli, src, tmp_path, *fragments, extra=(), code=2):
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [], "temp files left behind"
     return res
+
+
+class Ran:
+    """What a finished command gave, shaped like subprocess.CompletedProcess."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args) -> Ran:
+    """`vmzconv ARGS` in this process (no new interpreter and `import torch` per call); torch's thread
+    count is restored afterwards, since --threads changes it for the whole process."""
+    import torch
+    from vmzconv.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        torch.set_num_threads(threads)
+    return Ran(res.exit_code, res.stdout, res.stderr)

@@ -150,35 +150,40 @@ def test_python_dash_m_entry_point(vmz_pickle, tmp_path):
 
 
 def test_written_bytes_do_not_depend_on_threads_jobs_or_command(tmp_path):
-    """The same pickle and options give the same checkpoint bytes under OMP_NUM_THREADS=1 and 2, in
-    `convert` and in `bulk -j1` / `-j2` (so --publish names agree too)."""
+    """The same pickle and options give the same checkpoint bytes under OMP_NUM_THREADS=1 and the default
+    (2 here), in `convert` and in `bulk -j1` / `-j2` (so --publish names agree too)."""
     import os
     import subprocess
     import sys
 
+    import torch
+
     from vmzconv import synth
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for seed, name in enumerate(("a", "b")):
-        synth.write_vmz_pickle(src / f"{name}.pkl", synth.seeded_blobs("r2plus1d", 18, 400, seed))
+    from .conftest import run_cli
 
-    def run(args, threads="2"):
-        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
+    src_a, src_ab = tmp_path / "a_only", tmp_path / "a_and_b"
+    for folder, names in ((src_a, ("a",)), (src_ab, ("a", "b"))):
+        folder.mkdir()
+        for name in names:
+            synth.write_vmz_pickle(folder / f"{name}.pkl", synth.seeded_blobs("r2plus1d", 18, 400, ord(name)))
+
+    def sub(args, threads=None):
+        env = dict(os.environ)
+        if threads:
+            env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
         proc = subprocess.run([sys.executable, "-m", "vmzconv", *map(str, args)], capture_output=True, text=True,
                               env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr
-        return proc
 
     digests = {}
-    for threads in ("1", "2"):
-        out = tmp_path / f"convert_t{threads}"
-        out.mkdir()
-        run(["convert", src / "a.pkl", out / "a.pth"], threads)
-        digests[f"convert OMP={threads}"] = hashlib.sha256((out / "a.pth").read_bytes()).hexdigest()
-    for jobs in ("1", "2"):
-        out = tmp_path / f"bulk_j{jobs}"
-        run(["bulk", src, out, "--jobs", jobs])
-        digests[f"bulk -j{jobs}"] = hashlib.sha256((out / "a.pth").read_bytes()).hexdigest()
-        assert (out / "b.pth").is_file()
+    sub(["convert", src_a / "a.pkl", tmp_path / "t1.pth"], threads="1")
+    digests["convert OMP=1"] = tmp_path / "t1.pth"
+    assert run_cli("convert", src_a / "a.pkl", tmp_path / "tn.pth").returncode == 0
+    digests[f"convert, {torch.get_num_threads()} threads"] = tmp_path / "tn.pth"
+    sub(["bulk", src_a, tmp_path / "j1", "--jobs", "1"])
+    digests["bulk -j1"] = tmp_path / "j1" / "a.pth"
+    sub(["bulk", src_ab, tmp_path / "j2", "--jobs", "2"])
+    digests["bulk -j2"] = tmp_path / "j2" / "a.pth"
+    digests = {k: hashlib.sha256(p.read_bytes()).hexdigest() for k, p in digests.items()}
     assert len(set(digests.values())) == 1, digests

@@ -289,19 +289,26 @@ def test_zoo_card_of_a_released_r2plus1d_name(vmz_pickle, cli, tmp_path):
 
 
 def test_bulk_converts_a_mixed_folder(vmz_pickle, tmp_path):
+    """Three families through one manifest; two inputs share a base name (rows show their paths relative
+    to the input), and no lock file is left behind."""
     import subprocess
     import sys
 
     src = tmp_path / "src"
-    src.mkdir()
-    for name, fam, depth in (("csn.pkl", "ircsn", 50), ("r21d.pkl", "r2plus1d", 18), ("r3d.pkl", "r3d", 18)):
+    for name, fam, depth in (("a/model.pkl", "ircsn", 50), ("b/model.pkl", "r2plus1d", 18), ("r3d.pkl", "r3d", 18)):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
         synth.write_vmz_pickle(src / name, synth.seeded_blobs(fam, depth))
+    manifest = tmp_path / "files.toml"
+    manifest.write_text('[[file]]\npath = "src/a/model.pkl"\nname = "csn"\n[[file]]\npath = "src/b/model.pkl"\n'
+                        'name = "r21d"\n[[file]]\npath = "src/r3d.pkl"\n')
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "2"],
+    proc = subprocess.run([sys.executable, "-m", "vmzconv", "bulk", str(manifest), str(out), "--jobs", "2"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "report.json").read_text())
-    got = {r["file"].rsplit("/", 1)[-1]: (r["arch"], r["target"], r["status"]) for r in report["rows"]}
-    assert got == {"csn.pkl": ("ircsn_r50", "mmaction2", "converted"),
-                   "r21d.pkl": ("r2plus1d_r18", "torchvision", "converted"),
-                   "r3d.pkl": ("r3d_r18", "torchvision", "converted")}
+    got = {r["output"].rsplit("/", 1)[-1]: (r["arch"], r["target"], r["status"]) for r in report["rows"]}
+    assert got == {"csn.pth": ("ircsn_r50", "mmaction2", "converted"),
+                   "r21d.pth": ("r2plus1d_r18", "torchvision", "converted"),
+                   "r3d.pth": ("r3d_r18", "torchvision", "converted")}
+    assert "a/model.pkl" in proc.stdout and "b/model.pkl" in proc.stdout
+    assert not (out / ".vmzconv-bulk.lock").exists()

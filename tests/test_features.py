@@ -18,7 +18,7 @@ import torch
 
 from vmzconv.verify.synthetic import frames, write_video
 
-from .conftest import assert_one_line_error
+from .conftest import assert_one_line_error, run_cli
 
 SMALL = ("--short-side", "64", "--crop-size", "64", "--workers", "0", "--threads", "1")
 
@@ -38,8 +38,7 @@ def data(tmp_path_factory, vmz_pickle):
 
 
 def features(ckpt, out, *args):
-    return subprocess.run([sys.executable, "-m", "vmzconv", "features", str(ckpt), *map(str, args), "--out-dir", str(out),
-                           *SMALL], capture_output=True, text=True, timeout=600)
+    return run_cli("features", ckpt, *args, "--out-dir", out, *SMALL)
 
 
 def index_rows(out):

@@ -258,19 +258,6 @@ def test_publish_creates_its_folder(vmz_pickle, cli, tmp_path):
     assert json.loads(res.stdout)["output"].startswith(str(tmp_path / "new" / "releases" / "vmz_r3d_r18_"))
 
 
-def test_bulk_leaves_no_lock_and_shows_paths_relative_to_the_input(vmz_pickle, tmp_path):
-    for sub in ("a", "b"):
-        (tmp_path / "src" / sub).mkdir(parents=True)
-        synth.write_vmz_pickle(tmp_path / "src" / sub / "model.pkl", synth.seeded_blobs("r3d", 18))
-    manifest = tmp_path / "files.toml"
-    manifest.write_text('[[file]]\npath = "src/a/model.pkl"\nname = "a"\n[[file]]\npath = "src/b/model.pkl"\nname = "b"\n')
-    proc = subprocess.run([sys.executable, "-m", "vmzconv", "bulk", str(manifest), str(tmp_path / "out"), "-j", "1"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "a/model.pkl" in proc.stdout and "b/model.pkl" in proc.stdout
-    assert not (tmp_path / "out" / ".vmzconv-bulk.lock").exists()
-
-
 def test_zoo_cards_say_the_match_is_by_name_only(vmz_pickle, cli, tmp_path):
     src = vmz_pickle.custom("irCSN_50_ft_kinetics_from_ig65m_f233743920.pkl", synth.seeded_blobs("ircsn", 50))
     assert cli("convert", src, tmp_path / "z.pth", "--no-parity").exit_code == 0

@@ -19,7 +19,7 @@ from vmzconv.verify import metrics
 from vmzconv.verify import protocol as P
 from vmzconv.verify.synthetic import frames, write_rawframes, write_video
 
-from .conftest import assert_one_line_error
+from .conftest import assert_one_line_error, run_cli
 
 # -- sampling ---------------------------------------------------------------------------------
 
@@ -192,8 +192,7 @@ def independent_probs(ckpt, video_path=None, raw_dir=None, total=None):
 
 
 def verify(*args):
-    return subprocess.run([sys.executable, "-m", "vmzconv", "verify", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return run_cli("verify", *args)
 
 
 def test_end_to_end_matches_an_independent_computation(dataset, small_ckpt, tmp_path):
