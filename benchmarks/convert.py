@@ -1,11 +1,12 @@
-"""Conversion of an ir-CSN-152 pickle (~120 MB): vmzconv against a naive baseline.
+"""Conversion of an ir-CSN-152 pickle (~120 MB) and an R(2+1)D-152 pickle (~470 MB, the largest VMZ
+file): vmzconv against a naive baseline.
 
 Each contender runs in its own fresh process; we report the wall time of the
 conversion itself (imports excluded, timed inside the process) and the process's
 peak RSS. A process that only imports torch and vmzconv shows the fixed cost every
 contender pays (ERRATA 4).
 
-    python benchmarks/convert.py [--arch ircsn_r152] [--repeat 3]
+    python benchmarks/convert.py [--arch ircsn_r152 --arch r2plus1d_r152] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ import pickle, torch
 from vmzconv.arch import Arch, parse_arch_name
 from vmzconv.mapping import builtin_table_path, expand, load_table
 from vmzconv.models import build_model
+from vmzconv.targets import DEFAULT_TARGET
 fam, depth = parse_arch_name(sys.argv[1])
 arch = Arch(fam, depth, 400)
-pairs = expand(load_table(builtin_table_path(fam, "mmaction2")), arch).pairs
+target = DEFAULT_TARGET[fam]
+pairs = expand(load_table(builtin_table_path(fam, target)), arch).pairs
 t = time.perf_counter()
-model = build_model("mmaction2", arch)
+model = build_model(target, arch)
 with open(sys.argv[2], "rb") as f:
     blobs = pickle.load(f, encoding="latin1")["blobs"]
 sd = model.state_dict()
@@ -67,18 +70,22 @@ result = {"seconds": round(time.perf_counter() - t, 3)}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="ircsn_r152")
+    ap.add_argument("--arch", action="append", help="repeatable (default: ircsn_r152 and r2plus1d_r152)")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    for arch in args.arch or ["ircsn_r152", "r2plus1d_r152"]:
+        bench(arch, args.repeat)
 
+
+def bench(arch: str, repeat: int) -> None:
     from vmzconv.arch import parse_arch_name
 
-    fam, depth = parse_arch_name(args.arch)
+    fam, depth = parse_arch_name(arch)
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / f"{args.arch}.pkl"
+        src = Path(tmp) / f"{arch}.pkl"
         write_pickles([(str(src), fam, depth, 0)])
         size_mib = src.stat().st_size / 2**20
-        print(f"{args.arch}: pickle {size_mib:.1f} MiB, {args.repeat} runs each, fresh process per run")
+        print(f"{arch}: pickle {size_mib:.1f} MiB, {repeat} runs each, fresh process per run")
         print(f"{'contender':<34}{'convert s (median)':>20}{'peak RSS MiB (max)':>20}{'RSS / pickle':>14}")
         rows = [("import torch + vmzconv only", FLOOR, ".pth"),
                 ("baseline: pickle.load+copy+save", BASELINE, ".pth"),
@@ -86,7 +93,7 @@ def main() -> None:
                 ("vmzconv convert --no-parity (st)", VMZCONV, ".safetensors"),
                 ("vmzconv convert (with parity)", VMZCONV_PARITY, ".pth")]
         for label, code, suffix in rows:
-            runs = [run_measured(code, args.arch, str(src), str(Path(tmp) / f"out{suffix}")) for _ in range(args.repeat)]
+            runs = [run_measured(code, arch, str(src), str(Path(tmp) / f"out{suffix}")) for _ in range(repeat)]
             secs = statistics.median(r["seconds"] for r in runs)
             rss = max(r["peak_rss_mib"] for r in runs)
             extra = ""

@@ -24,7 +24,7 @@ def _pickles(folder, n, depth=50):
 
 
 def test_two_concurrent_bulk_runs_on_one_folder(tmp_path):
-    src = _pickles(tmp_path / "src", 3)
+    src = _pickles(tmp_path / "src", 2)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1"]
     a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -33,8 +33,8 @@ def test_two_concurrent_bulk_runs_on_one_folder(tmp_path):
     assert a.returncode == 0 and b.returncode == 0, ae + be
     assert "waiting for another bulk run" in ae + be
     summaries = [o.strip().splitlines()[-1] for o in (ao, bo)]
-    assert sorted(s.split(",")[0] for s in summaries) == ["3 converted", "nothing to do: all 3 outputs are up to date (--force reconverts)"]
-    for i in range(3):
+    assert sorted(s.split(",")[0] for s in summaries) == ["2 converted", "nothing to do: all 2 outputs are up to date (--force reconverts)"]
+    for i in range(2):
         state, meta = checkpoint.load(out / f"m{i}.pth")
         assert len(state) == 320 and meta["parity"]["passed"]
         assert json.loads((out / f"m{i}.pth.json").read_text())["source"]["file"] == f"m{i}.pkl"
@@ -51,7 +51,7 @@ def _wait_for(pred, timeout=120):
 
 
 def test_sigint_during_bulk_exits_cleanly(tmp_path):
-    src = _pickles(tmp_path / "src", 4)
+    src = _pickles(tmp_path / "src", 3)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -62,7 +62,7 @@ def test_sigint_during_bulk_exits_cleanly(tmp_path):
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
     done = sorted(out.glob("*.pth"))
-    assert 1 <= len(done) < 4
+    assert 1 <= len(done) < 3
     for p in done:                                         # what is there is complete
         assert checkpoint.load(p)[1]["parity"]["passed"]
 

@@ -55,7 +55,12 @@ class Engine:
         return self.device.type == "cuda" and self.precision != "fp32"
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """On the device, in eval mode; the fast path (bf16/fp16 on CUDA) also folds BN into the convs."""
         model = model.eval().to(self.device)
+        if self.amp:
+            from .models import fold_bn
+
+            model = fold_bn(model)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             model = model.to(memory_format=torch.channels_last_3d)
