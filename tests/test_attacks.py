@@ -36,6 +36,7 @@ def test_attack_is_refused_without_side_effects(name, cli, tmp_path):
     assert str(ATTACKS / name) in str(info.value)
     res = cli("inspect", ATTACKS / name)                   # the CLI: one line, exit 2, no traceback
     assert_one_line_error(res, spec["refusal_contains"])
+    assert res.stderr.rstrip("\n").isprintable(), "attacker bytes reached the terminal unescaped"
     res = cli("convert", ATTACKS / name, tmp_path / "out.pth")
     assert_one_line_error(res, spec["refusal_contains"])
     assert list(tmp_path.iterdir()) == []

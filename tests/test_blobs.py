@@ -71,15 +71,21 @@ def test_py2_writer_matches_what_pickle_itself_reads():
 
 
 def test_variants_scoped_leftovers_float64_and_bare_dict():
-    arrays = {"gpu_0/conv1_w": np.ones((2, 2), np.float64), "gpu_0/ITER": np.array([3], np.int64),
-              "gpu_1/conv1_w": np.zeros((2, 2), np.float32)}
+    arrays = {"gpu_0/conv1_w": np.ones((2, 2), np.float64), "gpu_0/ITER": np.array([3], np.int64)}
     for wrap in (True, False):
         data = synth.dumps_py2({"blobs": arrays} if wrap else arrays)
         blobs = blobs_from_bytes(data, "v.pkl")
         assert blobs.names() == ["conv1_w", "ITER"]
         assert blobs["conv1_w"].dtype == np.float32 and (blobs["conv1_w"] == 1).all()
         assert any("float64 cast" in n for n in blobs.notes)
-        assert any("gpu_1/conv1_w" in n and "ignored" in n for n in blobs.notes)
+        assert any("scope prefixes stripped" in n for n in blobs.notes)
+
+
+def test_two_blobs_that_unscope_to_one_name_are_an_error_naming_both():
+    """A zeroed duplicate classifier under a scope must not be silently preferred (both sides would use it)."""
+    arrays = {"gpu_0/last_out_L400_w": np.zeros((2, 2), np.float32), "last_out_L400_w": np.ones((2, 2), np.float32)}
+    with pytest.raises(InputError, match=r"'gpu_0/last_out_L400_w' and 'last_out_L400_w' both name 'last_out_L400_w'"):
+        blobs_from_bytes(synth.dumps_py2({"blobs": arrays}), "dup.pkl")
 
 
 def _refused(data: bytes, *fragments, kind=UnsafePickleError):

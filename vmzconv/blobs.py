@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import reprlib
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,14 @@ from .errors import InputError, UnsafePickleError
 
 _DTYPES = {"f4": np.dtype("<f4"), "f8": np.dtype("<f8"), "i4": np.dtype("<i4"), "i8": np.dtype("<i8")}
 _MAX_ELEMENTS = 1 << 40
+_MAX_DIMS = 32
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxtuple, _SHORT.maxstring, _SHORT.maxother = 3, 8, 40, 40
+
+
+def short_repr(value) -> str:
+    """A bounded repr of attacker data: never recurses deeper than 3 levels, never longer than a line."""
+    return _SHORT.repr(value)
 
 
 @dataclass
@@ -125,7 +134,11 @@ def read_blobs(path: str | Path, max_bytes: int | None = None) -> Blobs:
             f.seek(0)
             reader = _HashingReader(f)
             try:
-                top = picklevm.load_stream(reader, size, source)
+                budget = picklevm.Budget(source, max_bytes if max_bytes is not None else 4 * size)
+                top = picklevm.load_stream(reader, size, source, budget)
+                if f.read(1):          # STOP is the end of the file: appended data is refused, not hashed
+                    raise InputError(f"{source}: {size - f.tell() + 1} bytes after the pickle's end (STOP) — "
+                                     "appended data or a second pickle; refused")
                 sha = reader.finish()
             finally:
                 reader.close()
@@ -135,26 +148,27 @@ def read_blobs(path: str | Path, max_bytes: int | None = None) -> Blobs:
         raise InputError(f"{source}: is a folder, not a file") from None
     except OSError as e:
         raise InputError(f"{source}: cannot read: {e.strerror or e}") from None
-    blobs = _to_blobs(top, source, max_bytes if max_bytes is not None else 4 * size)
+    blobs = _to_blobs(top, source, budget)
     blobs.sha256, blobs.size = sha, size
     return blobs
 
 
-def _to_blobs(top, source: str, max_bytes: int) -> Blobs:
+def _to_blobs(top, source: str, budget: picklevm.Budget) -> Blobs:
     raw = _blob_dict(top, source)
-    budget = _Budget(source, max_bytes)
     notes: list[str] = []
     arrays: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
     for key, value in raw.items():
         name = key.rsplit("/", 1)[-1]
         if name in arrays:
-            notes.append(f"scoped duplicate {key!r} ignored (first {name!r} kept)")
-            continue
+            raise InputError(f"{source}: blobs {origin[name]!r} and {key!r} both name {name!r} once scopes are "
+                             "stripped — which one the model uses is ambiguous")
+        origin[name] = key
         if name != key:
             notes.append(f"scope stripped: {key!r} -> {name!r}")
         arr = _array(value, name, source, budget)
         if arr.dtype == np.float64:
-            budget.take(arr.size * 4, name)
+            budget.take(arr.size * 4, f"blob {name!r} (float64 cast)")
             arr = arr.astype(np.float32)
             notes.append(f"{name}: float64 cast to float32")
         arrays[name] = arr
@@ -190,21 +204,7 @@ def _blob_dict(top, source: str) -> dict:
     return out
 
 
-class _Budget:
-    """Bytes of array memory the read may use, the file's own buffers included."""
-
-    def __init__(self, source: str, max_bytes: int):
-        self.source, self.left = source, max_bytes
-        self.limit = max_bytes
-
-    def take(self, n: int, name: str) -> None:
-        self.left -= n
-        if self.left < 0:
-            raise InputError(f"{self.source}: blob {name!r} would take the arrays past --max-bytes "
-                             f"{self.limit} bytes — refused")
-
-
-def _array(value, name: str, source: str, budget: _Budget) -> np.ndarray:
+def _array(value, name: str, source: str, budget: picklevm.Budget) -> np.ndarray:
     if not isinstance(value, picklevm.ArrayStub):
         raise InputError(f"{source}: blob {name!r} is a {type(value).__name__}, not a numpy array")
     where = f"{source}: blob {name!r}"
@@ -212,13 +212,15 @@ def _array(value, name: str, source: str, budget: _Budget) -> np.ndarray:
         raise UnsafePickleError(f"{where}: ndarray without state")
     dtype = _dtype(value.dtype, where)
     shape = value.shape
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise UnsafePickleError(f"{where}: bad shape {shape!r}")
+    if len(shape) > _MAX_DIMS:
+        raise UnsafePickleError(f"{where}: {len(shape)} dimensions (at most {_MAX_DIMS})")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_ELEMENTS for d in shape):
+        raise UnsafePickleError(f"{where}: bad shape {short_repr(shape)}")
     count = math.prod(shape)
     if count > _MAX_ELEMENTS:
         raise UnsafePickleError(f"{where}: shape {shape} declares {count} elements")
     buf = _buffer(value.data, where)
-    budget.take(len(buf), name)
+    budget.take(len(buf), f"blob {name!r}")
     if len(buf) != count * dtype.itemsize:
         raise InputError(
             f"{where}: shape {list(shape)} x {dtype.itemsize} bytes needs {count * dtype.itemsize} bytes, "
@@ -226,7 +228,7 @@ def _array(value, name: str, source: str, budget: _Budget) -> np.ndarray:
         )
     arr = np.frombuffer(buf, dtype=dtype)
     if value.fortran and len(shape) > 1:
-        budget.take(len(buf), name)
+        budget.take(len(buf), f"blob {name!r}")
         return np.ascontiguousarray(arr.reshape(shape[::-1]).T)
     return arr.reshape(shape)
 
@@ -243,10 +245,10 @@ def _dtype(stub, where: str) -> np.dtype:
     if state is None:
         raise UnsafePickleError(f"{where}: dtype {code!r} without state")
     if len(state) not in (8, 9) or state[0] not in (3, 4):
-        raise UnsafePickleError(f"{where}: dtype {code!r} has an unexpected state {state!r:.80}")
+        raise UnsafePickleError(f"{where}: dtype {short_repr(code)} has an unexpected state {short_repr(state)}")
     order, subarray, names, fields, elsize, align, flags = state[1:8]
     if order not in ("<", "="):
-        raise UnsafePickleError(f"{where}: dtype {code!r} byte order {order!r} refused (little-endian only)")
+        raise UnsafePickleError(f"{where}: dtype {code!r} byte order {short_repr(order)} refused (little-endian only)")
     if subarray is not None or names is not None or fields is not None:
         raise UnsafePickleError(f"{where}: structured or sub-array dtype refused")
     if elsize != -1 or align != -1 or flags != 0 or (len(state) == 9 and state[8] is not None):
@@ -292,6 +294,8 @@ def _sniff_wrong_file(data: bytes, source: str, f) -> None:
         raise InputError(f"{source}: this is a zip archive, not a Caffe2 pickle")
     if data[:14] == b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19":
         raise InputError(f"{source}: this is a legacy PyTorch checkpoint (torch.save), not a Caffe2 pickle")
+    if data[:2] == b"\x1f\x8b":
+        raise InputError(f"{source}: this is a gzip file, not a pickle — decompress it first (gunzip)")
     if data[:6] == b"\x93NUMPY":
         raise InputError(f"{source}: this is a numpy .npy file, not a Caffe2 pickle")
     if data[:1] not in b"\x80(}]cKJI" and _looks_like_text(data[:512]):

@@ -313,7 +313,9 @@ def _input_root(rows: list[Row]) -> str:
 
 
 def _shown(file: str, root: str) -> str:
-    return os.path.relpath(os.path.abspath(file), root) if root else file
+    from .text import safe
+
+    return safe(os.path.relpath(os.path.abspath(file), root) if root else file)
 
 
 def table(rows: list[Row], out_dir: Path | None = None) -> list[list[str]]:
@@ -332,20 +334,22 @@ def table(rows: list[Row], out_dir: Path | None = None) -> list[list[str]]:
 
 def render_text(rows: list[Row], out_dir: Path | None = None) -> str:
     """The summary table, then one line per failure with its reason."""
-    from .text import render_table
+    from .text import render_table, safe
 
     t = table(rows, out_dir)
     root = _input_root(rows)
     lines = [render_table(t, right=(len(t[0]) - 1,))]
-    lines += [f"failed  {_shown(r.file, root)}: {r.reason}" for r in rows if not r.ok]
+    lines += [f"failed  {_shown(r.file, root)}: {safe(r.reason)}" for r in rows if not r.ok]
     return "\n".join(lines)
 
 
 def render_md(rows: list[Row], out_dir: Path | None = None) -> str:
+    from .text import safe
+
     t = table(rows, out_dir)
     t[0].append("reason")
     for r, row in zip(t[1:], rows):
-        r.append(row.reason)
+        r.append(safe(row.reason))
     esc = [[c.replace("|", "\\|") for c in r] for r in t]
     lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(esc[0])]
     lines += ["| " + " | ".join(r) + " |" for r in esc[1:]]

@@ -14,7 +14,7 @@ from .arch import ARCH_NAMES, FAMILIES
 from .errors import CheckError, VmzconvError
 from .parity import DEFAULT_TOLERANCE, parse_clip
 from .targets import DEFAULT_TARGET, TARGETS, TARGET_NAMES
-from .text import render_table
+from .text import render_table, safe
 
 _FAMILY_LIST = ", ".join(f.title for f in FAMILIES.values())
 _TARGET_HELP = "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values())
@@ -41,7 +41,7 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except VmzconvError as e:
-            click.echo(f"vmzconv: error: {e}", err=True)
+            click.echo(f"vmzconv: error: {safe(e)}", err=True)
             sys.exit(e.exit_code)
         except BaseException as e:
             if not _interrupted(e):
@@ -121,7 +121,7 @@ def _print_result(res, as_json: bool) -> None:
         rows.append(("card", res.card))
     rows += [("sha256", res.sha256), ("seconds", f"{res.seconds:.1f}")]
     for k, v in rows:
-        click.echo(f"{k:<8} {v}")
+        click.echo(f"{k:<8} {safe(v)}")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -223,21 +223,22 @@ def inspect(src, max_bytes, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"file       {report['file']} ({report['bytes']} bytes, sha256 {report['sha256'][:16]}...)")
+    click.echo(f"file       {safe(report['file'])} ({report['bytes']} bytes, sha256 {report['sha256'][:16]}...)")
     click.echo(f"blobs      {report['blobs']} ({', '.join(report['dtypes'])})")
     click.echo(f"arch       {report['arch']} ({report['num_classes']} classes, conv1 temporal kernel "
                f"{report['conv1_temporal_kernel']})")
     click.echo(f"parameters {report['parameters']:,} in {report['parameter_blobs']} parameter blobs")
     left = report["non_parameter_blobs"]
-    click.echo(f"leftovers  {len(left)}" + (": " + ", ".join(f"{k} ({v})" for k, v in list(left.items())[:6]) if left else ""))
+    click.echo(f"leftovers  {len(left)}" + (": " + safe(", ".join(f"{k} ({v})" for k, v in list(left.items())[:6]))
+                                            if left else ""))
     for note in report["notes"]:
-        click.echo(f"note       {note}")
+        click.echo(f"note       {safe(note)}")
     sus = {k: v for k, v in report["suspicious"].items() if v}
     if not sus:
         click.echo("suspicious nothing")
     for kind, items in sus.items():
         shown = items if isinstance(items, list) else [f"{k}: {v}" for k, v in items.items()]
-        click.echo(f"suspicious {kind}: {', '.join(shown[:6])}{' ...' if len(shown) > 6 else ''}")
+        click.echo(f"suspicious {kind}: {safe(', '.join(shown[:6]))}{' ...' if len(shown) > 6 else ''}")
 
 
 @main.command()
@@ -428,11 +429,6 @@ def _protocol_overrides(kw: dict) -> dict:
     return over
 
 
-def _safe(text: str) -> str:
-    """Attacker-chosen text (file names) printed as one printable line."""
-    return text if text.isprintable() else repr(text)[1:-1]
-
-
 def _describe_protocol(p: dict) -> str:
     size = f"resized to {p['resize'][0]}x{p['resize'][1]}" if p.get("resize") else f"short side {p['short_side']}"
     return (f"{p['name']}: {p['num_clips']} clips x {p['num_crops']} crops, {p['clip_len']} frames every "
@@ -509,10 +505,10 @@ def verify(ckpt, ann, data_root, ann_format, arch, filename_tmpl, label_map, dev
     if report_file:
         write_json(report_file, rep)
     ann_info, t = rep["annotations"], rep["timings"]
-    click.echo(f"checkpoint   {ckpt} ({rep['checkpoint']['arch']}, {rep['checkpoint']['target']})")
+    click.echo(f"checkpoint   {safe(ckpt)} ({rep['checkpoint']['arch']}, {rep['checkpoint']['target']})")
     click.echo(f"videos       {ann_info['evaluated']} evaluated of {ann_info['videos']}"
                + (f"; {ann_info['skipped']} SKIPPED (unreadable): "
-                  + ", ".join(s["video"] for s in rep["skipped"][:5]) if ann_info["skipped"] else ""))
+                  + safe(", ".join(s["video"] for s in rep["skipped"][:5])) if ann_info["skipped"] else ""))
     click.echo(f"protocol     {_describe_protocol(rep['protocol'])}")
     click.echo(f"top1_acc     {m['top1']:.4f}")
     click.echo(f"top5_acc     {m['top5']:.4f}")
@@ -607,7 +603,7 @@ def predict(ckpt, videos, top_k, labels, arch, device, precision, max_views, wor
     click.echo(f"{ckpt} ({conv.arch.name}, {conv.arch.num_classes} classes); protocol "
                f"{_describe_protocol(p.to_dict())}")
     for r in results:
-        click.echo(_safe(r.video))
+        click.echo(safe(r.video))
         rows = [[f"  {k + 1}.", f"{pr * 100:6.2f}%", f"[{c}]", n or "(no class names for this model)"]
                 for k, (c, n, pr) in enumerate(r.top)]
         click.echo(render_table(rows, right=(1,)))

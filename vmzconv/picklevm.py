@@ -32,6 +32,7 @@ _OWN_BUFFER_THRESHOLD = 1024
 MAX_MEMO = 1_000_000
 MAX_STACK = 1_000_000
 MAX_DEPTH = 64                 # MARK nesting
+MAX_KEY_CHARS = 1024           # dict keys (blob names) and set items
 # Operations (hence objects, hence time and memory) are capped in proportion to the file:
 # a VMZ checkpoint needs ~44 per array (measured: 34,204 for ir-CSN-152 in 120 MB, whose cap is ~1.97M).
 OPS_BASE = 100_000
@@ -116,22 +117,36 @@ def load(data: bytes, source: str = "<pickle>"):
     return load_stream(io.BytesIO(data), len(data), source)
 
 
-def load_stream(f, size: int, source: str = "<pickle>"):
+class Budget:
+    """Bytes of memory a read may make: everything beyond the file's own bytes is charged as it is made
+    (here: ``_codecs.encode`` results; the reader adds array buffers, casts and copies)."""
+
+    def __init__(self, source: str, max_bytes: int):
+        self.source, self.left, self.limit = source, max_bytes, max_bytes
+
+    def take(self, n: int, what: str) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise InputError(f"{self.source}: {what} would take the read past --max-bytes {self.limit} bytes — refused")
+
+
+def load_stream(f, size: int, source: str = "<pickle>", budget: Budget | None = None):
     """Interpret one pickle read sequentially from ``f`` (``size`` bytes available).
 
     Long strings (array data) are read straight into buffers of their own, so the
     whole file never sits in memory twice; every length is checked against the
     bytes left before anything is allocated.
     """
-    return _Machine(f, size, source).run()
+    return _Machine(f, size, source, budget or Budget(source, 4 * size)).run()
 
 
 class _Machine:
-    def __init__(self, f, size: int, source: str):
+    def __init__(self, f, size: int, source: str, budget: Budget):
         self.f = f
         self.n = size
         self.pos = 0
         self.source = source
+        self.budget = budget
         self.stack: list = []
         self.metastack: list = []
         self.memo: dict = {}
@@ -235,13 +250,17 @@ class _Machine:
         return payload if isinstance(payload, Raw) else payload.decode("latin-1")
 
     def _hashable(self, key):
-        if isinstance(key, Raw):
-            return bytes(key.buf).decode("latin-1")
-        try:
-            hash(key)
-        except TypeError:
-            raise self._bad(f"unhashable dict key of type {type(key).__name__}") from None
+        """Dict keys and set items: strings only, and short. A VMZ pickle's keys are blob names; any other
+        key would be hashed by Python itself (a tuple nested 300,000 deep overflows the C stack; ints
+        that all hash to 0 make building the dict quadratic), so nothing else is ever hashed."""
+        if isinstance(key, Raw) or isinstance(key, (str, bytes)) and len(key) > MAX_KEY_CHARS:
+            raise self._bad(f"a dict key of {len(key)} characters (blob names are short; at most {MAX_KEY_CHARS})")
+        if not isinstance(key, (str, bytes)):
+            raise self._bad(f"a dict key of type {type(key).__name__} (a VMZ pickle's keys are strings)")
         return key
+
+    def _charge(self, n: int, what: str) -> None:
+        self.budget.take(n, f"{what} (at byte {self.pos})")
 
     def _global(self, module: str, name: str):
         tag = ALLOWED_GLOBALS.get((module, name))
@@ -272,6 +291,7 @@ class _Machine:
                 raise self._unsafe("_codecs.encode used other than encode(str, 'latin1')")
             if isinstance(args[0], Raw):
                 return args[0]
+            self._charge(len(args[0]), "_codecs.encode")       # charged before the copy is made
             try:
                 data = args[0].encode("latin-1")
                 return Raw(bytearray(data)) if len(data) > _OWN_BUFFER_THRESHOLD else data

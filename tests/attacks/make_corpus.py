@@ -10,6 +10,7 @@ Python or numpy pickled it.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import struct
@@ -117,7 +118,7 @@ CORPUS: dict[str, tuple[bytes, str, str | None]] = {
     "dtype_unicode.pkl": (array_pickle(b"U4", (3, "<", None, None, None, 16, 4, 8), bytes(16), (1,)), "'U4' refused",
                           None),
     "shape_mismatch.pkl": (array_pickle(b"f4", F4, bytes(8), (4, 3)), "needs 48 bytes", None),
-    "shape_overflows_int64.pkl": (array_pickle(b"f4", F4, bytes(8), (1 << 62, 1 << 62)), "declares", None),
+    "shape_overflows_int64.pkl": (array_pickle(b"f4", F4, bytes(8), (1 << 62, 1 << 62)), "bad shape", None),
     "shape_negative.pkl": (array_pickle(b"f4", F4, bytes(8), (-2,)), "bad shape", None),
     "huge_declared_string.pkl": (b"\x80\x02}" + s2(b"x") + b"T\xff\xff\xff\x7f" + bytes(64) + b"s.", "truncated", None),
     "deep_marks.pkl": (b"\x80\x02" + b"(" * 100000 + b".", "nesting deeper", None),
@@ -125,6 +126,30 @@ CORPUS: dict[str, tuple[bytes, str, str | None]] = {
     "memo_flood.pkl": (b"\x80\x02N" + b"".join(b"r" + struct.pack("<I", i) for i in range(200000)) + b".", "operations",
                        None),
     "op_flood.pkl": (b"\x80\x02]" + b"]a" * 150000 + b".", "operations", None),
+    # -- round two: what a crafted file still did to the first reader --------------------------------
+    # a dict key nested 95,000 tuples deep: hashing it overflows the C stack (SIGSEGV) in a plain dict
+    "key_deep_tuple.pkl": (b"\x80\x02}N" + b"\x85" * 95000 + b"Ns.", "dict key of type tuple", None),
+    # int keys that all hash to 0 (multiples of 2**61 - 1): building the dict was quadratic
+    "key_int_collisions.pkl": (b"\x80\x02}(" + b"".join(pickle.dumps(k * (2**61 - 1), 2)[2:-1] + b"N"
+                                                       for k in range(1, 5001)) + b"u.", "dict key of type int", None),
+    "key_very_long.pkl": (b"\x80\x02}X" + struct.pack("<I", 5000) + b"k" * 5000 + b"Ns.", "dict key of 5000 characters",
+                          None),
+    # one memoised 1 MiB str encoded again and again: gigabytes from a 1 MB file, past --max-bytes
+    "codecs_encode_flood.pkl": (b"\x80\x02X" + struct.pack("<I", 1 << 20) + b"a" * (1 << 20) + b"q\x00"
+                                + (glob("_codecs", "encode") + b"h\x00X\x06\x00\x00\x00latin1\x86R0") * 200 + b"N.",
+                                "past --max-bytes", None),
+    # a valid pickle, then a second one: the rest of the file used to be ignored
+    "trailing_second_pickle.pkl": (array_pickle(b"f4", F4, bytes(8), (2,)) + b"\x80\x02}.", "after the pickle's end",
+                                   None),
+    "shape_65_dims.pkl": (array_pickle(b"f4", F4, bytes(4), (1,) * 65), "65 dimensions", None),
+    "shape_zero_and_huge.pkl": (array_pickle(b"f4", F4, b"", (0, 2**70)), "bad shape", None),
+    "shape_deep_tuple.pkl": (array_pickle(b"f4", F4, bytes(4), functools.reduce(lambda t, _: (t,), range(300), (1,))),
+                             "bad shape", None),
+    "dtype_state_deep_tuple.pkl": (array_pickle(b"f4", (3, functools.reduce(lambda t, _: (t,), range(300), ("<",)),
+                                                        None, None, None, -1, -1, 0), bytes(8), (2,)), "byte order", None),
+    # escape sequences and a forged line in a module name: the message must stay one printable line
+    "escape_sequences_in_names.pkl": (b"\x80\x04" + u4(b"\x1b]0;owned\x07\x1b[2J") + u4(b"x\nok  model.pth  parity PASS")
+                                      + b"\x93.", "is not on the allowlist", None),
 }
 
 
