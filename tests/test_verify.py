@@ -212,7 +212,7 @@ def test_end_to_end_matches_an_independent_computation(dataset, small_ckpt, tmp_
     want = metrics.evaluate(np.array(probs), np.array(labels))
     assert report["metrics"] == pytest.approx(want)
     assert report["annotations"] == {"file": str(dataset / "videos.txt"), "videos": 5, "evaluated": 5, "skipped": 0,
-                                     "from_cache": 0}
+                                     "from_cache": 0, "cache_entries_recomputed": 0}
     assert report["protocol"]["clip_len"] == 8 and report["protocol"]["mean"] == [110.201, 100.64, 95.9966]
     assert len(report["checkpoint"]["sha256"]) == 64 and report["timings"]["end_to_end_video_per_s"] > 0
     assert f"top1_acc     {want['top1']:.4f}" in proc.stdout

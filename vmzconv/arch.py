@@ -103,6 +103,12 @@ class Arch:
     conv1_kt: int = 3      # temporal kernel of the stem's (temporal) conv
 
     def __post_init__(self):
+        for field_name in ("depth", "num_classes", "conv1_kt"):
+            v = getattr(self, field_name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ArchError(f"{field_name} must be a positive integer, not {str(v)[:40]!r}")
+        if self.conv1_kt not in (1, 3, 5) or self.num_classes > 1_000_000:
+            raise ArchError(f"implausible {self.conv1_kt=}, {self.num_classes=}")
         if self.family not in FAMILIES:
             raise ArchError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
         if self.depth not in FAMILIES[self.family].depths:

@@ -10,6 +10,7 @@ that lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import multiprocessing
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from . import __version__, zoo
 from .errors import InputError, OutputError, VmzconvError
+from .text import safe
 
 LOCK_NAME = ".vmzconv-bulk.lock"
 
@@ -106,9 +108,11 @@ def plan(src: str | Path, out_dir: str | Path, target: str | None = None,
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise InputError(f"{s}: output name {name!r}: use letters, digits, '_', '-' and '.' (no folders)")
         suffix = "" if name.endswith((".pth", ".safetensors")) else ".pth"
-        if name in names:
-            raise InputError(f"{s} and {names[name]} would both be written as {name}{suffix}; name one in a manifest")
-        names[name] = s
+        final = name + suffix                      # collisions count after the suffix: a.pkl and a.pth.pkl
+        if final in names:
+            raise InputError(f"{safe(s)} and {safe(names[final])} would both be written as {final}; "
+                             "name one in a manifest")
+        names[final] = s
         jobs.append(Job(str(s), str(out_dir / f"{name}{suffix}"), o.get("arch", "auto"), t))
     return jobs
 
@@ -212,7 +216,13 @@ def acquire_lock(out_dir: Path, on_wait=None) -> int:
     it is done, so a waiter re-checks that the file it locked is still the one at the path."""
     waited = False
     while True:
-        fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OutputError(f"{out_dir / LOCK_NAME}: is a symbolic link — refused (it could point outside "
+                                  "the folder)") from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -236,9 +246,14 @@ def release_lock(out_dir: Path, fd: int) -> None:
 
 
 def sweep_temp_files(out_dir: Path) -> list[str]:
-    """Remove temp files a killed run left (ours are named ``.<output name>.<random>.tmp``)."""
+    """Remove temp files a killed run left: only regular files named by vmzconv itself
+    (``.vmzconv-tmp.<output name>.<random>.tmp``), never a user's file or a folder."""
+    from .files import TEMP_PREFIX
+
     removed = []
-    for p in out_dir.glob(".*.tmp"):
+    for p in out_dir.glob(f"{TEMP_PREFIX}*.tmp"):
+        if p.is_symlink() or not p.is_file():
+            continue
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
             removed.append(p.name)
@@ -272,12 +287,42 @@ def _convert_all(jobs: list[Job], out_dir: Path, n_jobs: int | None, force: bool
     env_keys = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
     saved = {k: os.environ.get(k) for k in env_keys}
     os.environ.update({k: str(threads) for k in env_keys})   # read by each worker's numpy/torch at start
+    try:
+        broken = _run_pool(jobs, n_jobs, threads, force, out_dir, rows, progress)
+        # A worker died (killed, or a crash in native code) and took the pool with it: every job it had not
+        # finished is retried alone; one that kills its worker again is the culprit and is reported failed.
+        for job in broken:
+            if _run_pool([job], 1, threads, force, out_dir, rows, progress):
+                row = Row(file=job.source, status="failed", target=job.target, output=job.output,
+                          reason="the worker process died while converting it (killed, or a crash in native code)")
+                rows[job.source] = row
+                if progress:
+                    progress(row)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return [rows[j.source] for j in jobs]
+
+
+def _run_pool(jobs: list[Job], n_jobs: int, threads: int, force: bool, out_dir: Path, rows: dict,
+              progress) -> list[Job]:
+    """Convert ``jobs`` in a pool of ``n_jobs`` spawned workers; returns the jobs a broken pool lost."""
+    from concurrent.futures.process import BrokenProcessPool
+
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    lost: list[Job] = []
     try:
         futures = {pool.submit(run_job, job, force): job for job in jobs}
         for fut in as_completed(futures):
-            row = fut.result()
+            try:
+                row = fut.result()
+            except BrokenProcessPool:
+                lost.append(futures[fut])
+                continue
             rows[row.file] = row
             if progress:
                 progress(row)
@@ -289,13 +334,9 @@ def _convert_all(jobs: list[Job], out_dir: Path, n_jobs: int | None, force: bool
         raise
     else:
         pool.shutdown()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return [rows[j.source] for j in jobs]
+    if lost:
+        sweep_temp_files(out_dir)
+    return [j for j in jobs if j in lost]
 
 
 # -- reports ----------------------------------------------------------------------------------

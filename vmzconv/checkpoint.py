@@ -128,20 +128,40 @@ def load(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]", dict]:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"{path}: not a readable safetensors file: {e}") from None
-        return OrderedDict(state), _safetensors_meta(path)
+        return _checked_state(path, state), _safetensors_meta(path)
     _sniff_not_a_checkpoint(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
         raise InputError(f"{path}: not a readable PyTorch checkpoint: {str(e).splitlines()[0][:200]}") from None
     if isinstance(obj, dict) and "state_dict" in obj:
-        state, meta = obj["state_dict"], obj.get("meta") or {}
+        state, meta = obj["state_dict"], obj.get("meta")
     elif isinstance(obj, dict):
         state, meta = obj, {}
     else:
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    state = OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state.items())
-    return state, dict(meta)
+    return _checked_state(path, state), _checked_meta(path, meta)
+
+
+def _checked_state(path, state) -> "OrderedDict[str, torch.Tensor]":
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: its state_dict is a {type(state).__name__}, not a dict of named tensors")
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            from .blobs import short_repr
+
+            raise InputError(f"{path}: state_dict entry {short_repr(k)} is a {type(v).__name__}"
+                             + ("" if isinstance(k, str) else f" under a {type(k).__name__} key")
+                             + ", not a named tensor")
+    return OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state.items())
+
+
+def _checked_meta(path, meta) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: its meta is a {type(meta).__name__}, not a dict")
+    return dict(meta)
 
 
 def _sniff_not_a_checkpoint(path: Path) -> None:
@@ -175,7 +195,7 @@ def load_meta(path: str | Path) -> dict:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise InputError(f"{path}: not a readable PyTorch checkpoint: {str(e).splitlines()[0][:200]}") from None
-    return dict(obj.get("meta") or {}) if isinstance(obj, dict) else {}
+    return _checked_meta(path, obj.get("meta")) if isinstance(obj, dict) else {}
 
 
 def _safetensors_meta(path: Path) -> dict:
@@ -186,4 +206,10 @@ def _safetensors_meta(path: Path) -> dict:
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"{path}: not a readable safetensors file: {e}") from None
-    return json.loads(raw[META_KEY]) if META_KEY in raw else {}
+    if META_KEY not in raw:
+        return {}
+    try:
+        meta = json.loads(raw[META_KEY])
+    except ValueError:
+        raise InputError(f"{path}: its {META_KEY} metadata is not JSON") from None
+    return _checked_meta(path, meta)

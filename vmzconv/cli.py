@@ -178,12 +178,13 @@ _tolerance_option = click.option(
 @_parity_clip_option
 @_tolerance_option
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--allow-non-finite", is_flag=True, help="Write weights that hold NaN or Inf (refused by default).")
 @_max_bytes_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def convert(src, out, arch, target, keep_head, publish, date, card, print_config, check_consumer, mapping_path,
-            check_parity, parity_clip, tolerance, force, max_bytes, as_json, quiet):
+            check_parity, parity_clip, tolerance, force, allow_non_finite, max_bytes, as_json, quiet):
     """Convert SRC (a VMZ .pkl) to OUT (.pth or .safetensors, by suffix).
 
     Reads SRC without executing it, maps every blob through a declarative table,
@@ -198,7 +199,7 @@ def convert(src, out, arch, target, keep_head, publish, date, card, print_config
         res = convert_file(src, out, arch=arch, target=target, mapping_path=mapping_path, check_parity=check_parity,
                            parity_clip=parse_clip(parity_clip), tolerance=tolerance, force=force,
                            keep_head=keep_head, card=card, publish=publish, date=date, max_bytes=max_bytes,
-                           progress=stages, consumer=check_consumer)
+                           progress=stages, consumer=check_consumer, allow_non_finite=allow_non_finite)
     finally:
         stages.close()
     _print_result(res, as_json)
@@ -347,7 +348,7 @@ def bulk(src, out_dir, jobs, target, manifest, force, quiet):
 
     def progress(row):
         bar.update(1)
-        bar.set_postfix_str(f"{Path(row.file).name}: {row.status}")
+        bar.set_postfix_str(safe(f"{Path(row.file).name}: {row.status}"))
 
     def on_wait():
         click.echo(f"vmzconv: waiting for another bulk run on {out_dir} to finish", err=True)
@@ -444,6 +445,8 @@ def _describe_protocol(p: dict) -> str:
               help="Folder the list's paths, frame folders or video ids are found under.")
 @click.option("--ann-format", type=click.Choice(["auto", "videos", "rawframes", "kinetics"]), default="auto",
               show_default=True)
+@click.option("--allow-outside-root", is_flag=True,
+              help="Let list entries point outside --data-root (../x.mp4, absolute paths); refused by default.")
 @click.option("--arch", type=click.Choice(ARCH_NAMES), help="Required for checkpoints without vmzconv meta.")
 @_protocol_options
 @click.option("--filename-tmpl", default="img_{:05d}.jpg", show_default=True,
@@ -471,7 +474,7 @@ def _describe_protocol(p: dict) -> str:
               help="Videos left out of the inference-speed timing (per rank).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def verify(ckpt, ann, data_root, ann_format, arch, filename_tmpl, label_map, device, precision, max_views, workers,
+def verify(ckpt, ann, data_root, ann_format, allow_outside_root, arch, filename_tmpl, label_map, device, precision, max_views, workers,
            cache, skip_bad, out_file, report_file, expect_top1, expect_top5, expect_published, tolerance, threads, warmup,
            quiet, **kw):
     """Measure CKPT's accuracy on a video list the way its published numbers were measured: by default
@@ -486,7 +489,8 @@ def verify(ckpt, ann, data_root, ann_format, arch, filename_tmpl, label_map, dev
 
     opts = Options(str(ckpt), ann, data_root, ann_format, arch, None, kw.pop("mean"), kw.pop("std"), kw.pop("norm"),
                    filename_tmpl, label_map, device, precision, max_views, workers, cache, skip_bad, warmup=warmup,
-                   threads=threads, quiet=quiet, protocol_overrides=_protocol_overrides(kw))
+                   threads=threads, quiet=quiet, protocol_overrides=_protocol_overrides(kw),
+                   allow_outside_root=allow_outside_root)
     from .files import check_writable
 
     for path in (out_file, report_file):                   # fail before the (long) run, not after
@@ -510,6 +514,8 @@ def verify(ckpt, ann, data_root, ann_format, arch, filename_tmpl, label_map, dev
                + (f"; {ann_info['skipped']} SKIPPED (unreadable): "
                   + safe(", ".join(s["video"] for s in rep["skipped"][:5])) if ann_info["skipped"] else ""))
     click.echo(f"protocol     {_describe_protocol(rep['protocol'])}")
+    if ann_info.get("cache_entries_recomputed"):
+        click.echo(f"note         {ann_info['cache_entries_recomputed']} unreadable --cache entries were recomputed")
     click.echo(f"top1_acc     {m['top1']:.4f}")
     click.echo(f"top5_acc     {m['top5']:.4f}")
     click.echo(f"mean_class_accuracy {m['mean_class_accuracy']:.4f}"

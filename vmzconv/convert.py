@@ -11,7 +11,7 @@ import numpy as np
 
 from . import __version__, arch as arch_mod, checkpoint, mapping, parity, zoo
 from .blobs import Blobs, read_blobs
-from .errors import CheckError, MappingError, OutputError, VmzconvError
+from .errors import CheckError, InputError, MappingError, OutputError, VmzconvError
 from .targets import DEFAULT_TARGET, get_target, recipe
 
 PRETRAIN_ONLY_CLASSES = {359: "IG-65M", 487: "Sports-1M"}
@@ -162,7 +162,7 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
             parity_clip=None, tolerance: float = parity.DEFAULT_TOLERANCE,
             force: bool = False, keep_head: bool = False, card: bool = True,
             publish: str | None = None, date: str | None = None, max_bytes: int | None = None,
-            progress=None, consumer: bool = False) -> Result:
+            progress=None, consumer: bool = False, allow_non_finite: bool = False) -> Result:
     """Convert one VMZ pickle. Raises a VmzconvError (and writes nothing) on any failure.
 
     ``out`` is the output file, or with ``publish`` the folder that receives
@@ -183,6 +183,13 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
     target, notes = choose_target(a, target, keep_head)
     step("map")
     model, table, mapped = map_blobs(blobs, a, target, mapping_path)
+    if not allow_non_finite:
+        import torch
+
+        bad = [k for k, v in mapped.state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise InputError(f"{src}: {len(bad)} weight tensors hold NaN or Inf (first: {bad[0]}) — refused; "
+                             "--allow-non-finite writes them anyway (parity then fails)")
     verdict = None
     if check_parity:
         step("parity")

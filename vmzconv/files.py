@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .errors import OutputError
 
+TEMP_PREFIX = ".vmzconv-tmp."      # every temp file vmzconv makes starts so: bulk sweeps only these
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -31,7 +33,7 @@ def write_atomic(path: Path, write, rename=None):
     ``(final path, result)``; on any failure the temp file is removed and an OS error becomes
     an OutputError naming the file."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise OutputError(f"{path}: cannot write here: {e.strerror or e}") from None
     try:

@@ -37,7 +37,8 @@ def _video_index(root: Path) -> dict[str, str]:
     return index
 
 
-def read(ann: str | Path, data_root: str | Path, fmt: str = "auto", unlabelled_ok: bool = False) -> list[Item]:
+def read(ann: str | Path, data_root: str | Path, fmt: str = "auto", unlabelled_ok: bool = False,
+         allow_outside_root: bool = False) -> list[Item]:
     """Parse ``ann``; ``fmt`` is videos (``path label``), rawframes (``dir total label``),
     kinetics (``video_id, num_frames, label``: a video file found under ``data_root`` by id,
     or a frame folder of that name), or auto (by the number of fields)."""
@@ -85,6 +86,12 @@ def read(ann: str | Path, data_root: str | Path, fmt: str = "auto", unlabelled_o
                          "list line (path label | frame_dir total_frames label | video_id, num_frames, label)")
     if not items:
         raise InputError(f"{ann}: no annotations")
+    if not allow_outside_root:
+        top = os.path.realpath(root)
+        for it in items:
+            if os.path.commonpath([top, os.path.realpath(it.path)]) != top:
+                raise InputError(f"{ann}: {it.name!r} lies outside --data-root {root} "
+                                 "(pass --allow-outside-root to read it anyway)")
     return items
 
 

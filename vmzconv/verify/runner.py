@@ -52,6 +52,7 @@ class Options:
     threads: int | None = None
     quiet: bool = False
     protocol_overrides: dict = field(default_factory=dict)
+    allow_outside_root: bool = False
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Cache:
 
     def __init__(self, opts: Options, sha: str, mean, std):
         self.dir: Path | None = None
+        self.corrupt = 0
         if opts.cache:
             key = json.dumps({"ckpt": sha, "protocol": opts.protocol.to_dict(), "mean": mean, "std": std,
                               "precision": opts.precision, "ann": os.path.abspath(opts.ann),
@@ -128,8 +130,18 @@ class Cache:
             self.dir.mkdir(parents=True, exist_ok=True)
 
     def get(self, index: int) -> np.ndarray | None:
+        """A cached entry; an unreadable or malformed one counts as missing (recomputed, and counted)."""
         f = self.dir / f"{index}.npy" if self.dir else None
-        return np.load(f) if f is not None and f.is_file() else None
+        if f is None or not f.is_file():
+            return None
+        try:
+            arr = np.load(f, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            arr = None
+        if arr is None or arr.dtype != np.float64 or arr.ndim != 1 or not np.isfinite(arr).all():
+            self.corrupt += 1
+            return None
+        return arr
 
     def put(self, index: int, arr: np.ndarray) -> None:
         if self.dir is not None:
@@ -204,7 +216,7 @@ def _run(opts: Options, rank: int, world: int) -> Outcome:
     device = setup_device(opts.device, world)
     torch.set_num_threads(opts.threads or max(1, (os.cpu_count() or 1) // world))
     t_start = time.perf_counter()
-    items = annotations.read(opts.ann, opts.data_root, opts.ann_format)
+    items = annotations.read(opts.ann, opts.data_root, opts.ann_format, allow_outside_root=opts.allow_outside_root)
     names = annotations.label_names(opts.label_map)
     conv = _load(opts)
     check_items(items, conv.arch.num_classes, opts.skip_bad, opts.ann)
@@ -235,7 +247,7 @@ def _run(opts: Options, rank: int, world: int) -> Outcome:
         bar.close()
     peak = int(torch.cuda.max_memory_allocated(device) // 2**20) if device.type == "cuda" else None
     local = {"probs": {i: v.tolist() for i, v in probs.items()}, "skipped": skipped, "cached": len(mine) - len(todo),
-             "infer": (infer_s, infer_n), "peak": peak}
+             "infer": (infer_s, infer_n), "peak": peak, "corrupt_cache": cache.corrupt}
     parts = gather(local, rank, world)
     if rank != 0:
         barrier(world)
@@ -269,7 +281,8 @@ def _report(opts: Options, items, names, parts: list[dict], conv, mean, std, dev
         "checkpoint": {"file": str(opts.ckpt), "sha256": conv.sha256, "arch": conv.arch.name,
                        "target": conv.target.name},
         "annotations": {"file": str(opts.ann), "videos": len(items), "evaluated": len(done),
-                        "skipped": len(all_skipped), "from_cache": sum(p["cached"] for p in parts)},
+                        "skipped": len(all_skipped), "from_cache": sum(p["cached"] for p in parts),
+                        "cache_entries_recomputed": sum(p["corrupt_cache"] for p in parts)},
         "skipped": [{"video": items[i].name, "reason": r} for i, r in sorted(all_skipped.items())],
         "protocol": opts.protocol.to_dict() | {"mean": mean, "std": std},
         "metrics": m,
