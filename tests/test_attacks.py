@@ -56,3 +56,42 @@ def test_the_payloads_are_real(tmp_path):
                        capture_output=True, timeout=60)
         assert canary.exists()
         canary.unlink()
+
+
+def test_every_hostile_file_is_answered_within_5_s_and_500_mib(tmp_path):
+    """In a child with hard limits: address space at most 500 MiB above what the interpreter and numpy
+    already hold, and CPU time capped; each file must be refused in under 5 s of wall time."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, resource, sys, time
+from pathlib import Path
+from vmzconv.blobs import read_blobs
+from vmzconv.errors import VmzconvError
+def vm_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+floor_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+limit = vm_bytes() + 500 * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+resource.setrlimit(resource.RLIMIT_CPU, (120, 120))
+worst = 0.0
+for path in sorted(Path({str(ATTACKS)!r}).glob("*.pkl")):
+    t0 = time.perf_counter()
+    try:
+        read_blobs(path)
+        raise SystemExit(f"{{path.name}}: read without a refusal")
+    except VmzconvError:
+        pass
+    worst = max(worst, time.perf_counter() - t0)
+    assert time.perf_counter() - t0 < 5.0, path.name
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"worst_s": worst, "rss_above_floor_mib": (peak - floor_rss) / 1024}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["worst_s"] < 5.0 and figures["rss_above_floor_mib"] < 500, figures
+    print(figures)

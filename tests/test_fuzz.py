@@ -1,16 +1,20 @@
 """Hypothesis fuzzing of the reader and converter on mutated VMZ-format pickles.
 
 Truncation, bit flips, splices of two seeds, and opcode mutations (an opcode byte replaced,
-dropped or duplicated) of the seed corpus (tests/fuzz_seeds, plus the genuine Python-2 files).
-Every case must end in a VmzconvError — never another exception — leave no output file, and
-finish quickly. CI runs 4 x 150 cases; `pytest -m fuzz` runs the long mode (VMZCONV_FUZZ_EXAMPLES,
-default 5,000 per strategy, 20,000 in all).
+dropped or duplicated) of the seed corpus (tests/fuzz_seeds, plus the genuine Python-2 files);
+and files built to hurt a reader: containers nested up to 20,000 deep as keys or values, many
+keys that hash alike, one memoised string referenced thousands of times (as values, keys, or
+through _codecs.encode). Every case must end in a VmzconvError — never another exception — leave
+no output file, and finish within 5 s. CI runs 7 x 86 cases; `pytest -m fuzz` runs the long mode
+(VMZCONV_FUZZ_EXAMPLES, default 3,000 per strategy, 21,000 in all).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import pickletools
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +30,8 @@ HERE = Path(__file__).parent
 SEEDS = sorted((HERE / "fuzz_seeds").glob("*.pkl")) + sorted((HERE / "fixtures" / "py2").glob("*.pkl"))
 SEED_BYTES = [p.read_bytes() for p in SEEDS]
 OPCODES = sorted({op.code.encode("latin-1") for op in pickletools.opcodes})
-CI_EXAMPLES = 150
-LONG_EXAMPLES = int(os.environ.get("VMZCONV_FUZZ_EXAMPLES", "5000"))
+CI_EXAMPLES = 86                      # x 7 strategies: ~600 cases in CI
+LONG_EXAMPLES = int(os.environ.get("VMZCONV_FUZZ_EXAMPLES", "3000"))
 
 
 def op_positions(data: bytes) -> list[int]:
@@ -81,6 +85,59 @@ def opcode_mutated(draw):
     return bytes(data)
 
 
+def _s2(b: bytes) -> bytes:
+    return b"U" + bytes([len(b)]) + b
+
+
+@st.composite
+def nested_containers(draw):
+    """A dict whose key or value is a container nested up to 20,000 deep (tuples, lists, frozensets)."""
+    depth = draw(st.integers(1, 20000))
+    kind = draw(st.sampled_from(["tuple", "list", "frozenset", "mixed"]))
+    if kind == "tuple":
+        obj = b"N" + b"\x85" * depth
+    elif kind == "list":
+        obj = b"]" * depth + b"a" * (depth - 1)
+    elif kind == "frozenset":
+        obj = b"N" + b"\x85" * depth + b"(\x91"                       # MARK, one item, FROZENSET... reordered below
+        obj = b"(" + b"N" + b"\x85" * depth + b"\x91"
+    else:
+        obj = b"".join(draw(st.sampled_from([b"]N\x85a", b"N\x85", b")"])) for _ in range(min(depth, 3000))) + b"N"
+    as_key = draw(st.booleans())
+    pair = (obj + _s2(b"v")) if as_key else (_s2(b"k") + obj)
+    return b"\x80\x02}" + pair + b"s."
+
+
+@st.composite
+def colliding_keys(draw):
+    """Many keys that hash alike: ints (multiples of 2**61 - 1), tuples of them, or repeated long strings."""
+    n = draw(st.integers(1, 20000))
+    kind = draw(st.sampled_from(["int", "tuple", "longstr"]))
+    if kind == "int":
+        items = b"".join(pickle.dumps(k * (2**61 - 1), 2)[2:-1] + b"N" for k in range(1, n + 1))
+    elif kind == "tuple":
+        items = b"".join(pickle.dumps((k * (2**61 - 1),), 2)[2:-1] + b"N" for k in range(1, n + 1))
+    else:
+        items = b"X" + struct.pack("<I", 2000) + b"k" * 2000 + b"q\x00N" + b"h\x00N" * n
+    return b"\x80\x02}(" + items + b"u."
+
+
+@st.composite
+def memo_references(draw):
+    """One memoised string used again and again: as values, as keys, or through _codecs.encode."""
+    size = draw(st.integers(1, 1 << 20))
+    n = draw(st.integers(1, 2000))
+    kind = draw(st.sampled_from(["values", "keys", "encode"]))
+    head = b"\x80\x02X" + struct.pack("<I", size) + b"a" * size + b"q\x00"
+    if kind == "values":
+        body = b"0}(" + b"".join(_s2(str(i).encode()) + b"h\x00" for i in range(n)) + b"u"
+    elif kind == "keys":
+        body = b"0}(" + b"h\x00N" * n + b"u"
+    else:
+        body = b"".join(b"c_codecs\nencode\nh\x00X\x06\x00\x00\x00latin1\x86R0" for _ in range(n)) + b"N"
+    return head + body + b"."
+
+
 def check(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "in.pkl", Path(tmp) / "out.pth"
@@ -92,7 +149,8 @@ def check(data: bytes) -> None:
         assert sorted(p.name for p in Path(tmp).iterdir()) == ["in.pkl"]
 
 
-STRATEGIES = {"truncate": truncated(), "bitflip": bit_flipped(), "splice": spliced(), "opcode": opcode_mutated()}
+STRATEGIES = {"truncate": truncated(), "bitflip": bit_flipped(), "splice": spliced(), "opcode": opcode_mutated(),
+              "nested": nested_containers(), "colliding": colliding_keys(), "memo": memo_references()}
 
 
 def _fuzz_test(n: int):
