@@ -135,3 +135,15 @@ def run_cli(*args) -> Ran:
     finally:
         torch.set_num_threads(threads)
     return Ran(res.exit_code, res.stdout, res.stderr)
+
+
+def wait_for(pred, timeout: float = 120.0) -> bool:
+    """Poll ``pred`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False

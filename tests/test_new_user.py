@@ -8,18 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import types
 
-import numpy as np
 import pytest
-import torch
 from torch import nn
 
 from vmzconv import checkpoint, synth
 from vmzconv.arch import Arch
 
-from .conftest import assert_one_line_error
+from .conftest import assert_one_line_error, wait_for
 
 # -- consumer recipes ------------------------------------------------------------------------------
 
@@ -144,29 +141,20 @@ def _bulk(tmp_path, n=3):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True), out
 
 
-def _wait(pred, timeout=120.0) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_kill_9_of_bulk_takes_its_workers_with_it(tmp_path):
     proc, out = _bulk(tmp_path)
     kids: set[int] = set()
-    assert _wait(lambda: len(kids.update(_children(proc.pid)) or kids) >= 2), "no workers started"
-    assert _wait(lambda: any(_children(k) == set() and "torch" in open(f"/proc/{k}/maps").read() for k in kids
+    assert wait_for(lambda: len(kids.update(_children(proc.pid)) or kids) >= 2), "no workers started"
+    assert wait_for(lambda: any(_children(k) == set() and "torch" in open(f"/proc/{k}/maps").read() for k in kids
                              if _alive(k)), timeout=120), "workers never got to work"
     os.kill(proc.pid, signal.SIGKILL)                   # the coordinating process only, no clean-up
     proc.wait()
-    assert _wait(lambda: not any(_alive(k) for k in kids), timeout=20), "orphaned bulk workers"
+    assert wait_for(lambda: not any(_alive(k) for k in kids), timeout=20), "orphaned bulk workers"
 
 
 def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     proc, out = _bulk(tmp_path)
-    assert _wait(lambda: len(_children(proc.pid)) >= 2)
+    assert wait_for(lambda: len(_children(proc.pid)) >= 2)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr

@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 
 from vmzconv import checkpoint, synth
+
+from .conftest import wait_for
 
 
 
@@ -41,21 +42,12 @@ def test_two_concurrent_bulk_runs_on_one_folder(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
-def _wait_for(pred, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_sigint_during_bulk_exits_cleanly(tmp_path):
     src = _pickles(tmp_path / "src", 3)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    assert _wait_for(lambda: list(out.glob("*.pth.json")))
+    assert wait_for(lambda: list(out.glob("*.pth.json")))
     os.killpg(proc.pid, signal.SIGINT)                     # like Ctrl-C: the whole process group
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -83,7 +75,7 @@ def test_sigint_during_convert_leaves_nothing(vmz_pickle, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "convert", str(src), str(out), "--parity-clip", "16,224"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Ready: it is reading the 120 MB pickle; parity on 16x224 (seconds) still lies ahead of any write.
-    assert _wait_for(lambda: _open_by(proc.pid, src), timeout=120), "convert never opened its input"
+    assert wait_for(lambda: _open_by(proc.pid, src), timeout=120), "convert never opened its input"
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
@@ -112,7 +104,7 @@ def test_sigint_during_verify_leaves_no_partial_files(vmz_pickle, tmp_path):
                              "--report", str(rep)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert _wait_for(lambda: len(list(cache.rglob("*.npy"))) == 3), "verify never reached the blocked video"
+        assert wait_for(lambda: len(list(cache.rglob("*.npy"))) == 3), "verify never reached the blocked video"
         os.killpg(proc.pid, signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
