@@ -174,3 +174,17 @@ def test_bulk_survives_a_worker_that_dies(vmz_pickle, tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [r["status"] for r in report["rows"]] == ["converted", "converted"]
     assert not _alive(worker)
+
+
+def test_a_48_gib_sparse_file_is_answered_at_once(tmp_path, cli):
+    """A valid small pickle at the head of a 48 GiB sparse file: refused for its appended data, without
+    reading (or hashing) the rest."""
+    import time
+
+    big = tmp_path / "big.pkl"
+    big.write_bytes(synth.dumps_py2({"blobs": {"conv1_w": np.zeros(4, np.float32)}}))
+    os.truncate(big, 48 << 30)
+    t0 = time.perf_counter()
+    res = cli("inspect", big)
+    assert_one_line_error(res, "after the pickle's end")
+    assert time.perf_counter() - t0 < 5.0

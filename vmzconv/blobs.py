@@ -74,8 +74,12 @@ class _HashingReader:
         self.small = bytearray()
         self.jobs = []
 
+    _MAX_PENDING = 16        # at most ~16 MiB waiting for the hashing thread: the queue never outgrows it
+
     def _hash(self, data) -> None:
         self.jobs.append(self.pool.submit(self.sha.update, data))
+        if len(self.jobs) > self._MAX_PENDING:
+            self.jobs.pop(0).result()
 
     def _flush(self) -> None:
         if self.small:

@@ -245,7 +245,7 @@ def mmaction2_config(res: Result) -> str:
     if zoo_info and zoo_info["mmaction2_config_norm"] != "vmz":
         lines.append(f"# The published MMAction2 config for this model normalises with {zoo_info['mmaction2_config_norm']} "
                      f"mean/std {zoo_info['mmaction2_config_mean_std']}; VMZ trained it with the values below.")
-    backbone = dict(a.fam.mmaction2) | {"depth": a.depth,
+    backbone = dict(a.fam.mmaction2) | {"depth": a.depth, "norm_eval": False,
                                         "norm_cfg": {"type": "BN3d", "requires_grad": True, "eps": 1e-3}}
     if a.conv1_kt != 3:
         backbone["conv1_kernel"] = (a.conv1_kt, 7, 7)
