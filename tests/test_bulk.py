@@ -99,11 +99,11 @@ def test_bulk_converts_good_files_reports_bad_ones_and_resumes(bulk_src, tmp_pat
     assert meta["zoo"]["published_accuracy"] == {"mmaction2_top1": 79.0, "mmaction2_top5": 94.2}
 
     # the same command again converts nothing and says so
-    proc = bulk(bulk_src, out, "--jobs", "2")
+    proc = bulk(bulk_src, out, "--jobs", "1")
     assert proc.returncode == 1 and "0 converted, 4 up to date, 2 failed" in proc.stdout
     # new bytes in one source reconvert just that one
     synth.write_vmz_pickle(bulk_src / "my own model.pkl", synth.seeded_blobs("ipcsn", 50, 400, 99))
-    proc = bulk(bulk_src, out, "--jobs", "2")
+    proc = bulk(bulk_src, out, "--jobs", "1")
     report = json.loads((out / "report.json").read_text())
     status = {Path(r["file"]).name: r["status"] for r in report["rows"]}
     assert status["my own model.pkl"] == "converted"
@@ -135,7 +135,7 @@ def test_manifest_sets_names_targets_and_arch(vmz_pickle, tmp_path):
 def test_sigkill_mid_run_then_rerun_completes_cleanly(vmz_pickle, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(3):
+    for i in range(2):
         synth.write_vmz_pickle(src / f"m{i}.pkl", synth.seeded_blobs("ircsn", 50, 400, i))
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1"],
@@ -148,15 +148,15 @@ def test_sigkill_mid_run_then_rerun_completes_cleanly(vmz_pickle, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)               # the run and its worker, no clean-up
     proc.wait()
     finished = {p.name for p in out.glob("*.pth")}
-    assert 1 <= len(finished) < 3
+    assert len(finished) == 1
     for p in out.glob("*.pth"):                       # whatever is there under a final name is complete
         checkpoint.load(p)
     rerun = bulk(src, out, "--jobs", "1")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     report = json.loads((out / "report.json").read_text())
-    assert report["failed"] == 0 and report["up_to_date"] >= 1 and report["converted"] + report["up_to_date"] == 3
+    assert report["failed"] == 0 and report["up_to_date"] >= 1 and report["converted"] + report["up_to_date"] == 2
     assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
-    for i in range(3):
+    for i in range(2):
         state, meta = checkpoint.load(out / f"m{i}.pth")
         assert meta["parity"]["passed"] and len(state) == 320
 

@@ -150,17 +150,13 @@ def test_python_dash_m_entry_point(vmz_pickle, tmp_path):
 
 
 def test_written_bytes_do_not_depend_on_threads_jobs_or_command(tmp_path):
-    """The same pickle and options give the same checkpoint bytes under OMP_NUM_THREADS=1 and the default
-    (2 here), in `convert` and in `bulk -j1` / `-j2` (so --publish names agree too)."""
+    """The same pickle and options give the same checkpoint bytes in `convert` under OMP_NUM_THREADS=1
+    and in `bulk -j1` (a worker with 2 threads here) / `-j2` (two with 1): --publish names agree too."""
     import os
     import subprocess
     import sys
 
-    import torch
-
     from vmzconv import synth
-
-    from .conftest import run_cli
 
     src_a, src_ab = tmp_path / "a_only", tmp_path / "a_and_b"
     for folder, names in ((src_a, ("a",)), (src_ab, ("a", "b"))):
@@ -179,8 +175,6 @@ def test_written_bytes_do_not_depend_on_threads_jobs_or_command(tmp_path):
     digests = {}
     sub(["convert", src_a / "a.pkl", tmp_path / "t1.pth"], threads="1")
     digests["convert OMP=1"] = tmp_path / "t1.pth"
-    assert run_cli("convert", src_a / "a.pkl", tmp_path / "tn.pth").returncode == 0
-    digests[f"convert, {torch.get_num_threads()} threads"] = tmp_path / "tn.pth"
     sub(["bulk", src_a, tmp_path / "j1", "--jobs", "1"])
     digests["bulk -j1"] = tmp_path / "j1" / "a.pth"
     sub(["bulk", src_ab, tmp_path / "j2", "--jobs", "2"])
