@@ -59,7 +59,8 @@ def bulk_src(tmp_path_factory, vmz_pickle):
 
 
 def bulk(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "vmzconv", "bulk", *map(str, args)],
+    """`vmzconv bulk ARGS` with a small parity clip (parity runs; its size is not what these tests are about)."""
+    return subprocess.run([sys.executable, "-m", "vmzconv", "bulk", *map(str, args), "--parity-clip", "8,64"],
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -138,8 +139,8 @@ def test_sigkill_mid_run_then_rerun_completes_cleanly(vmz_pickle, tmp_path):
     for i in range(2):
         synth.write_vmz_pickle(src / f"m{i}.pkl", synth.seeded_blobs("ircsn", 50, 400, i))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1",
+                             "--parity-clip", "8,64"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*.pth.json")):
         time.sleep(0.05)

@@ -302,7 +302,8 @@ def test_bulk_converts_a_mixed_folder(vmz_pickle, tmp_path):
     manifest.write_text('[[file]]\npath = "src/a/model.pkl"\nname = "csn"\n[[file]]\npath = "src/b/model.pkl"\n'
                         'name = "r21d"\n[[file]]\npath = "src/r3d.pkl"\n')
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "vmzconv", "bulk", str(manifest), str(out), "--jobs", "2"],
+    proc = subprocess.run([sys.executable, "-m", "vmzconv", "bulk", str(manifest), str(out), "--jobs", "2",
+                           "--parity-clip", "8,64"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "report.json").read_text())

@@ -101,7 +101,7 @@ def test_injected_mapping_faults_fail_parity(vmz_pickle, cli, tmp_path_factory, 
                                          '"comp_{i}_spatbn_2" = { bn = "backbone.layer{L}.{j}.conv2.0.bn" }')
         table.write_text(text)
     out = tmp_path / "out.pth"
-    res = cli("convert", vmz_pickle(family, 50), out, "--mapping", table)
+    res = cli("convert", vmz_pickle(family, 50), out, "--mapping", table, "--parity-clip", "8,64")
     assert_one_line_error(res, "parity FAILED", "max |logit diff|", "nothing was written", code=1)
     assert not out.exists() and list(tmp_path.iterdir()) == []
     # the same table with parity off does write: the mapping itself is "valid", only parity catches it

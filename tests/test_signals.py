@@ -27,7 +27,7 @@ def _pickles(folder, n, depth=50):
 def test_two_concurrent_bulk_runs_on_one_folder(tmp_path):
     src = _pickles(tmp_path / "src", 2)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1"]
+    cmd = [sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1", "--parity-clip", "8,64"]
     a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     b = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     (ao, ae), (bo, be) = a.communicate(timeout=600), b.communicate(timeout=600)
@@ -45,7 +45,8 @@ def test_two_concurrent_bulk_runs_on_one_folder(tmp_path):
 def test_sigint_during_bulk_exits_cleanly(tmp_path):
     src = _pickles(tmp_path / "src", 3)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1",
+                             "--parity-clip", "8,64"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert wait_for(lambda: list(out.glob("*.pth.json")))
     os.killpg(proc.pid, signal.SIGINT)                     # like Ctrl-C: the whole process group

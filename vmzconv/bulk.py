@@ -35,6 +35,7 @@ class Job:
     output: str
     arch: str
     target: str
+    parity_clip: tuple | None = None       # (T, H); None: the family's
 
 
 @dataclass
@@ -81,7 +82,7 @@ def _manifest(path: Path) -> dict[str, dict]:
 
 
 def plan(src: str | Path, out_dir: str | Path, target: str | None = None,
-         manifest: str | Path | None = None) -> list[Job]:
+         manifest: str | Path | None = None, parity_clip: tuple | None = None) -> list[Job]:
     """One job per pickle: zoo files get their MMAction2 name and kind, others a name from the file."""
     src, out_dir = Path(src), Path(out_dir)
     overrides: dict[str, dict] = {}
@@ -113,7 +114,7 @@ def plan(src: str | Path, out_dir: str | Path, target: str | None = None,
             raise InputError(f"{safe(s)} and {safe(names[final])} would both be written as {final}; "
                              "name one in a manifest")
         names[final] = s
-        jobs.append(Job(str(s), str(out_dir / f"{name}{suffix}"), o.get("arch", "auto"), t))
+        jobs.append(Job(str(s), str(out_dir / f"{name}{suffix}"), o.get("arch", "auto"), t, parity_clip))
     return jobs
 
 
@@ -122,7 +123,7 @@ def plan(src: str | Path, out_dir: str | Path, target: str | None = None,
 
 def options_record(job: Job) -> dict:
     """What, besides the source bytes and the tool version, decides an output's content."""
-    return {"arch": job.arch, "target": job.target}
+    return {"arch": job.arch, "target": job.target} | ({"parity_clip": list(job.parity_clip)} if job.parity_clip else {})
 
 
 def up_to_date(job: Job, source_sha: str) -> dict | None:
@@ -156,7 +157,8 @@ def run_job(job: Job, force: bool) -> Row:
             row.arch, row.classes, row.target = meta["arch"], meta["num_classes"], meta["target"]
             row.parity_max_diff = (_card(job.output).get("parity_measured") or {}).get("max_abs_diff")
         else:
-            res = convert(job.source, job.output, arch=job.arch, target=job.target, force=True)
+            res = convert(job.source, job.output, arch=job.arch, target=job.target, force=True,
+                          parity_clip=job.parity_clip)
             row.status, row.arch, row.classes, row.target = "converted", res.arch, res.num_classes, res.target
             row.parity_max_diff = res.verdict.max_abs_diff if res.verdict else None
     except VmzconvError as e:

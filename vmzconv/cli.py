@@ -324,9 +324,10 @@ def zoo(as_json):
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML with [[file]] path=..., and optional arch=, target=, name= per file.")
 @click.option("--force", is_flag=True, help="Reconvert files whose outputs are up to date.")
+@_parity_clip_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def bulk(src, out_dir, jobs, target, manifest, force, quiet):
+def bulk(src, out_dir, jobs, target, manifest, force, parity_clip, quiet):
     """Convert every .pkl under SRC (a folder, or a manifest .toml) into OUT_DIR.
 
     Known VMZ zoo files get their MMAction2 name and kind (recognizer or backbone);
@@ -340,7 +341,7 @@ def bulk(src, out_dir, jobs, target, manifest, force, quiet):
 
     from . import bulk as bulk_mod
 
-    job_list = bulk_mod.plan(src, out_dir, target=target, manifest=manifest)
+    job_list = bulk_mod.plan(src, out_dir, target=target, manifest=manifest, parity_clip=parse_clip(parity_clip))
     if not job_list:
         raise VmzconvError(f"{src}: no .pkl files found")
     bar = tqdm(total=len(job_list), unit="file", desc="bulk", disable=quiet or not sys.stderr.isatty(),

@@ -176,7 +176,8 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
             raise OutputError(f"{checkpoint.card_path(out)}: already exists (use --force to overwrite)")
     else:
         out = checkpoint.prepare_publish_folder(out)
-    options = {"arch": arch, "target": target} | ({"keep_head": True} if keep_head else {})
+    options = ({"arch": arch, "target": target} | ({"keep_head": True} if keep_head else {})
+               | ({"parity_clip": list(parity_clip)} if parity_clip else {}))
     step("read")
     blobs = read_blobs(src, max_bytes)
     a = arch_mod.resolve(blobs, arch)
