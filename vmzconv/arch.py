@@ -41,7 +41,6 @@ class Family:
     recognise: Callable[[Blobs, set], bool] = field(repr=False, compare=False)
     simple_marker: str | None = None   # blob whose presence means simple blocks (18/34)
     mmaction2: dict | None = None      # MMAction2 backbone config, or None when MMAction2 cannot hold it
-    notes: str = ""
 
     def arch_names(self) -> tuple[str, ...]:
         return tuple(f"{self.name}_r{d}" for d in self.depths)
