@@ -188,3 +188,20 @@ def test_a_48_gib_sparse_file_is_answered_at_once(tmp_path, cli):
     res = cli("inspect", big)
     assert_one_line_error(res, "after the pickle's end")
     assert time.perf_counter() - t0 < 5.0
+
+
+def test_escape_sequences_in_blob_names_never_reach_the_terminal(cli, tmp_path):
+    """A file that reads fine but carries an unknown blob whose name holds an OSC title sequence, a
+    screen clear and a newline: inspect's text and JSON, and convert's error, stay printable."""
+    arrays = synth.seeded_blobs("r3d", 18)
+    evil = "\x1b]0;owned\x07\x1b[2J\nok  model.pth  parity PASS"
+    arrays[evil] = np.zeros(2, np.float32)
+    src = synth.write_vmz_pickle(tmp_path / "evil.pkl", arrays)
+    text = cli("inspect", src)
+    assert text.exit_code == 0 and "\x1b" not in text.stdout and "\\x1b" in text.stdout
+    assert not any(line.startswith("ok  model.pth") for line in text.stdout.splitlines())
+    js = cli("inspect", src, "--json")
+    assert "\x1b" not in js.stdout and json.loads(js.stdout)["suspicious"]["unknown"] == [evil]
+    res = cli("convert", src, tmp_path / "o.pth", "--no-parity")
+    assert_one_line_error(res, "unknown blob")
+    assert res.stderr.rstrip("\n").isprintable()
