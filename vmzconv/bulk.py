@@ -204,6 +204,7 @@ def _init_worker(threads: int) -> None:
     if os.getppid() == 1:                 # the parent died before prctl took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent decides what an interrupt means
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})   # held while the parent spawned us
     import torch
 
     torch.set_num_threads(threads)
@@ -314,11 +315,22 @@ def _run_pool(jobs: list[Job], n_jobs: int, threads: int, force: bool, out_dir: 
     """Convert ``jobs`` in a pool of ``n_jobs`` spawned workers; returns the jobs a broken pool lost."""
     from concurrent.futures.process import BrokenProcessPool
 
+    import signal
+
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
     lost: list[Job] = []
     try:
-        futures = {pool.submit(run_job, job, force): job for job in jobs}
+        # Workers are started inside submit(). Ctrl-C and SIGTERM are held back meanwhile: delivered in the
+        # middle of a spawn they cut the new worker's start-up data short (a traceback from the worker).
+        # The workers inherit the mask: a terminal's Ctrl-C, sent to the whole group, never reaches them;
+        # the parent decides, and kills them.
+        held = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            futures = {pool.submit(run_job, job, force): job for job in jobs}
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
         for fut in as_completed(futures):
             try:
                 row = fut.result()
@@ -329,8 +341,12 @@ def _run_pool(jobs: list[Job], n_jobs: int, threads: int, force: bool, out_dir: 
             if progress:
                 progress(row)
     except BaseException:
-        # Ctrl-C (or a crash): drop queued files, let running ones end (their writes are atomic),
-        # then sweep any temp file an interrupted write left, while we still hold the lock.
+        # Ctrl-C, SIGTERM (or a crash): stop the workers now, even one still starting up (an orderly
+        # shutdown would pull the pool's semaphores from under it: a traceback). Their writes are
+        # atomic, so what they leave is at most a temp file, swept while we still hold the lock.
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(OSError, ValueError):
+                proc.kill()
         pool.shutdown(wait=True, cancel_futures=True)
         sweep_temp_files(out_dir)
         raise
