@@ -204,7 +204,6 @@ def _init_worker(threads: int) -> None:
     if os.getppid() == 1:                 # the parent died before prctl took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the parent decides what an interrupt means
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})   # held while the parent spawned us
     import torch
 
     torch.set_num_threads(threads)
@@ -310,27 +309,43 @@ def _convert_all(jobs: list[Job], out_dir: Path, n_jobs: int | None, force: bool
     return [rows[j.source] for j in jobs]
 
 
+@contextlib.contextmanager
+def _spawning_guard():
+    """Workers are started inside submit(). An interrupt raised in the middle of a spawn cuts the new
+    worker's start-up data short, and the worker prints a traceback; masking the signal does not help
+    (CPython runs Python-level handlers in the main thread, whichever thread the kernel picked). So
+    meanwhile SIGTERM is only recorded, and re-raised as the usual interrupt once the spawns are done;
+    SIGINT is ignored, which the new workers inherit: a terminal's Ctrl-C, sent to the whole group,
+    never reaches them — the parent decides, and kills them."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = (signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _run_pool(jobs: list[Job], n_jobs: int, threads: int, force: bool, out_dir: Path, rows: dict,
               progress) -> list[Job]:
     """Convert ``jobs`` in a pool of ``n_jobs`` spawned workers; returns the jobs a broken pool lost."""
     from concurrent.futures.process import BrokenProcessPool
 
-    import signal
-
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(n_jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
     lost: list[Job] = []
     try:
-        # Workers are started inside submit(). Ctrl-C and SIGTERM are held back meanwhile: delivered in the
-        # middle of a spawn they cut the new worker's start-up data short (a traceback from the worker).
-        # The workers inherit the mask: a terminal's Ctrl-C, sent to the whole group, never reaches them;
-        # the parent decides, and kills them.
-        held = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
-        try:
+        with _spawning_guard():
             futures = {pool.submit(run_job, job, force): job for job in jobs}
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
         for fut in as_completed(futures):
             try:
                 row = fut.result()
