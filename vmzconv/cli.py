@@ -272,7 +272,7 @@ def parity(src, converted, parity_clip, tolerance, trace, trace_tolerance, bn_ep
         if as_json:
             click.echo(json.dumps({"arch": a.name, "target": target, **result.to_json()}, indent=2))
         else:
-            click.echo(f"{converted} ({a.name}, {target}) vs {src}: stage outputs on the fixed clip")
+            click.echo(f"{safe(converted)} ({a.name}, {target}) vs {safe(src)}: stage outputs on the fixed clip")
             rows = [["stage", "max |diff|", "rel diff", ""]]
             for st in result.stages:
                 mark = "<- first divergent" if st.name == result.first_divergent else ("diverges" if st.divergent else "")
@@ -289,7 +289,7 @@ def parity(src, converted, parity_clip, tolerance, trace, trace_tolerance, bn_ep
     if as_json:
         click.echo(json.dumps({"arch": a.name, "target": target, **result.to_meta(timings=True)}, indent=2))
     else:
-        click.echo(f"{converted} ({a.name}, {target}) vs {src}")
+        click.echo(f"{safe(converted)} ({a.name}, {target}) vs {safe(src)}")
         click.echo(f"parity   {result.summary()}")
     parity_mod.require(result, str(converted))
 
@@ -574,7 +574,7 @@ def export(ckpt, out, output, clip, dynamic, opset, arch, card, force, as_json):
     for k, v in (("output", res.output), ("arch", res.arch), ("graph", f"opset {res.opset}, outputs "
                  f"{', '.join(res.outputs)}, dynamic {'N, T, H, W' if res.dynamic else 'N'}"),
                  ("proof", res.proof.summary()), ("card", res.card or "-"), ("seconds", f"{res.seconds:.1f}")):
-        click.echo(f"{k:<8} {v}")
+        click.echo(f"{k:<8} {safe(v)}")
 
 
 @main.command()
@@ -607,7 +607,7 @@ def predict(ckpt, videos, top_k, labels, arch, device, precision, max_views, wor
         click.echo(json.dumps([{"video": r.video, "top": [{"index": c, "name": n, "probability": pr}
                                                           for c, n, pr in r.top]} for r in results], indent=2))
         return
-    click.echo(f"{ckpt} ({conv.arch.name}, {conv.arch.num_classes} classes); protocol "
+    click.echo(f"{safe(ckpt)} ({conv.arch.name}, {conv.arch.num_classes} classes); protocol "
                f"{_describe_protocol(p.to_dict())}")
     for r in results:
         click.echo(safe(r.video))
@@ -666,7 +666,7 @@ def features(ckpt, videos, out_dir, ann, data_root, layer, stride, fps, crop, fm
     click.echo(f"videos   {res.done} of {res.videos} with features"
                + (f"; {len(res.skipped)} SKIPPED (see skipped.txt)" if res.skipped else ""))
     click.echo(f"windows  {res.windows} rows of {res.dim}-d features")
-    click.echo(f"index    {res.index}" + (f"\nh5       {res.h5}" if res.h5 else ""))
+    click.echo(f"index    {safe(res.index)}" + (f"\nh5       {safe(res.h5)}" if res.h5 else ""))
 
 
 @main.command()

@@ -17,7 +17,7 @@ import io
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,15 +60,20 @@ class Windows:
                 "resize": list(p.resize) if p.resize else None}
 
 
-def _crops(frame: np.ndarray, w: Windows) -> np.ndarray:
-    """[crops, h, w, 3] of one resized frame."""
+def _crops(frame: np.ndarray, w: Windows, boxes: list) -> np.ndarray:
+    """[crops, h, w, 3] of one resized frame (``boxes``: the crop corners, the same for every frame)."""
     if w.crop == "none":
         return frame[None]
-    h, wd = frame.shape[:2]
     c = w.protocol.crop_size
-    boxes = P.crop_boxes(wd, h, P.Protocol(w.protocol.name, 1, 1, 1, w.protocol.short_side, c,
-                                           3 if w.crop == "three" else 1, w.protocol.resize))
     return np.stack([frame[y:y + c, x:x + c] for x, y in boxes])
+
+
+def _boxes(frame: np.ndarray, w: Windows) -> list:
+    """Crop corners for frames of this size, worked out once per video."""
+    if w.crop == "none":
+        return []
+    h, wd = frame.shape[:2]
+    return P.crop_boxes(wd, h, replace(w.protocol, num_crops=3 if w.crop == "three" else 1))
 
 
 def window_chunks(path: str, w: Windows, batch: int):
@@ -78,7 +83,7 @@ def window_chunks(path: str, w: Windows, batch: int):
     span, step = w.span, w.frame_interval
     buf: dict[int, np.ndarray] = {}
     pending: list = []
-    start, n = 0, 0
+    start, n, boxes = 0, 0, None
 
     def chunk():
         try:
@@ -92,7 +97,10 @@ def window_chunks(path: str, w: Windows, batch: int):
     for frame in decode.iter_frames(path, w.fps):
         # keep a frame only if a window that is still open takes it (start + i * interval)
         if any((n - s) % step == 0 for s in range(start, n + 1, w.stride) if n < s + span):
-            buf[n] = _crops(P.resize(frame, w.protocol), w)
+            frame = P.resize(frame, w.protocol)
+            if boxes is None:
+                boxes = _boxes(frame, w)
+            buf[n] = _crops(frame, w, boxes)
         n += 1
         while start + span <= n:
             idx = [start + i * step for i in range(w.clip_len)]
@@ -213,11 +221,9 @@ def _run(opts: Options, rank: int, world: int, setup_device, barrier, mean_std) 
     if stride < 1:
         raise VmzconvError("--stride must be at least 1")
     wins = Windows(protocol.clip_len, protocol.frame_interval, stride, opts.crop, opts.fps, protocol)
-    if opts.crop == "three":
-        size = protocol.resize or ()
-        if protocol.resize and min(size) != protocol.crop_size:
-            raise VmzconvError(f"--crop three needs the short side equal to --crop-size ({protocol.crop_size}); "
-                               f"the frames are resized to {size[0]}x{size[1]}")
+    if opts.crop == "three" and protocol.resize and min(protocol.resize) != protocol.crop_size:
+        raise VmzconvError(f"--crop three needs the short side equal to --crop-size ({protocol.crop_size}); "
+                           f"the frames are resized to {protocol.resize[0]}x{protocol.resize[1]}")
     mean, std = mean_std(opts, conv.meta)
     record = {"vmzconv_version": __version__, "checkpoint_sha256": conv.sha256, "arch": conv.arch.name,
               "layer": opts.layer, "windows": wins.record(), "mean": mean, "std": std}

@@ -17,7 +17,7 @@ def safe(text) -> str:
         elif 0xDC80 <= ord(ch) <= 0xDCFF:                 # os.fsdecode's stand-in for an undecodable byte
             out.append(f"\\x{ord(ch) - 0xDC00:02x}")
         else:
-            out.append(repr(ch)[1:-1] if ch not in "\\'" else ch)
+            out.append(repr(ch)[1:-1])
     return "".join(out)
 
 
