@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,12 @@ from click.testing import CliRunner
 from vmzconv import reference, synth
 
 HERE = Path(__file__).parent
+
+# The tests of verify/predict/features run the PyTorch model unless they name a runtime (test_runtimes.py
+# proves the others); ONNX graphs go to a throw-away cache, never to the user's.
+os.environ.setdefault("VMZCONV_RUNTIME", "torch")
+os.environ["VMZCONV_CACHE"] = tempfile.mkdtemp(prefix="vmzconv-test-cache-")
+atexit.register(shutil.rmtree, os.environ["VMZCONV_CACHE"], True)
 GOLDEN = HERE / "golden"
 FIXTURES = HERE / "fixtures"
 
@@ -54,12 +64,24 @@ def blobs_from_bytes(data: bytes, name: str = "x.pkl"):
 
 
 class PickleFactory:
-    """Writes (and caches for the session) VMZ-format pickles of each architecture."""
+    """Writes (and caches for the session) VMZ-format pickles of each architecture. Files over
+    ``KEEP_BYTES`` (the 101/152-layer ones, 120-470 MB) are deleted after the test that asked for
+    them (:meth:`evict_large`), so the suite's temp folder stays small; a later test rewrites them.
+    ``keep=True`` pins one for the session (module fixtures that hand its path to several tests)."""
+
+    KEEP_BYTES = 64 << 20
 
     def __init__(self, root: Path):
         self.root = root
         self.cache: dict[tuple, Path] = {}
         self.last: tuple | None = None
+        self.pinned: set[tuple] = set()
+
+    def evict_large(self) -> None:
+        for key, path in list(self.cache.items()):
+            if key not in self.pinned and (not path.exists() or path.stat().st_size > self.KEEP_BYTES):
+                path.unlink(missing_ok=True)
+                del self.cache[key]
 
     def arrays(self, family: str, depth: int, classes: int = 400, seed: int = 0) -> dict[str, np.ndarray]:
         key = (family, depth, classes, seed)
@@ -67,8 +89,10 @@ class PickleFactory:
             self.last = (key, synth.seeded_blobs(family, depth, classes, seed))
         return dict(self.last[1])          # a fresh dict: tests add and drop blobs
 
-    def __call__(self, family: str, depth: int, classes: int = 400, seed: int = 0) -> Path:
+    def __call__(self, family: str, depth: int, classes: int = 400, seed: int = 0, keep: bool = False) -> Path:
         key = (family, depth, classes, seed)
+        if keep:
+            self.pinned.add(key)
         if key not in self.cache:
             path = self.root / f"{family}_r{depth}_L{classes}_s{seed}.pkl"
             synth.write_vmz_pickle(path, self.arrays(family, depth, classes, seed))
@@ -82,6 +106,12 @@ class PickleFactory:
 @pytest.fixture(scope="session")
 def vmz_pickle(tmp_path_factory) -> PickleFactory:
     return PickleFactory(tmp_path_factory.mktemp("pkl"))
+
+
+@pytest.fixture(autouse=True)
+def _evict_large_pickles(vmz_pickle):
+    yield
+    vmz_pickle.evict_large()
 
 
 @pytest.fixture
