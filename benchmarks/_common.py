@@ -17,7 +17,8 @@ def run_measured(code: str, *args: str) -> dict:
         {code}
         _res = dict(result)
         _res["process_seconds"] = round(time.perf_counter() - _t0, 3)
-        _res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        with open("/proc/self/status") as _f:    # VmHWM: ru_maxrss would carry the parent's peak over fork+exec
+            _res["peak_rss_mib"] = round(next(int(l.split()[1]) for l in _f if l.startswith("VmHWM:")) / 1024, 1)
         print(json.dumps(_res))
     """).format(code=textwrap.indent(textwrap.dedent(code), "").strip().replace("\n", "\n"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -17,24 +17,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
+
 import torch
 
-from vmzconv.arch import Arch, parse_arch_name
-from vmzconv.models import build_model
-from vmzconv.verify import decode
-from vmzconv.verify.annotations import Item
-from vmzconv.verify.protocol import Protocol, normalise
-from vmzconv.verify.synthetic import frames, write_video
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the tests' synthetic-video helper
+
+from tests.synthetic import frames, write_video  # noqa: E402
+from vmzconv.arch import Arch, parse_arch_name  # noqa: E402
+from vmzconv.models import build_model  # noqa: E402
+from vmzconv.video.annotations import Item  # noqa: E402
+from vmzconv.video.protocol import Protocol, normalise  # noqa: E402
+from vmzconv.video.windows import item_views  # noqa: E402
 
 
 def bench_decode(n_videos: int) -> None:
     p = Protocol()
     with tempfile.TemporaryDirectory() as tmp:
         paths = [write_video(Path(tmp) / f"v{i}.mp4", frames(i, 250, 340, 256, seed=i)) for i in range(n_videos)]
-        decode.load_views(Item(0, "warm", 0, str(paths[0]), "video"), p)
+        item_views(Item(0, "warm", 0, str(paths[0]), "video"), p)
         t0 = time.perf_counter()
         for i, path in enumerate(paths):
-            v = decode.load_views(Item(i, path.name, 0, str(path), "video"), p)
+            v = item_views(Item(i, path.name, 0, str(path), "video"), p)
         dt = time.perf_counter() - t0
     n_views = n_videos * p.views
     print(f"decode+preprocess, 1 worker: {n_videos} videos of 250 frames 340x256 -> {tuple(v.shape)} uint8 views each; "

@@ -177,3 +177,4 @@ def wait_for(pred, timeout: float = 120.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from vmzconv.verify.synthetic import frames, write_video
+from .synthetic import frames, write_video
 
 from .conftest import assert_one_line_error, run_cli
 
@@ -30,7 +30,7 @@ def data(tmp_path_factory, vmz_pickle):
 
     d = tmp_path_factory.mktemp("features")
     ckpt = d / "r3d18.pth"
-    convert(vmz_pickle("r3d", 18), ckpt, check_parity=False, card=False)
+    convert(vmz_pickle("r3d", 18, keep=True), ckpt, check_parity=False, card=False)
     lengths = {"long": 50, "short": 10, "mid": 33}
     for i, (name, n) in enumerate(lengths.items()):
         write_video(d / f"{name}.mp4", frames(i + 1, n, 96, 72, seed=i), fps=25)

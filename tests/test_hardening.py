@@ -27,8 +27,8 @@ def r3d(vmz_pickle, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("hard")
     ckpt = d / "r3d.pth"
-    convert(vmz_pickle("r3d", 18), ckpt, check_parity=False, card=False)
-    return vmz_pickle("r3d", 18), ckpt
+    convert(vmz_pickle("r3d", 18, keep=True), ckpt, check_parity=False, card=False)
+    return vmz_pickle("r3d", 18, keep=True), ckpt
 
 
 @pytest.mark.parametrize("make,fragment", [
@@ -61,7 +61,7 @@ def test_hostile_safetensors_metadata_is_one_line(r3d, cli, tmp_path, meta, frag
 
 def test_gzip_gets_a_message_of_its_own(vmz_pickle, cli, tmp_path):
     gz = tmp_path / "model.pkl.gz"
-    gz.write_bytes(gzip.compress(vmz_pickle("r3d", 18).read_bytes()[:4096]))
+    gz.write_bytes(gzip.compress(vmz_pickle("r3d", 18, keep=True).read_bytes()[:4096]))
     assert_one_line_error(cli("inspect", gz), "this is a gzip file", "gunzip")
 
 
@@ -87,7 +87,7 @@ def test_verify_keeps_list_entries_inside_the_data_root(r3d, tmp_path, entry):
 
 
 def test_a_corrupt_cache_entry_is_recomputed_with_a_note(r3d, tmp_path):
-    from vmzconv.verify.synthetic import frames, write_video
+    from .synthetic import frames, write_video
 
     _, ckpt = r3d
     write_video(tmp_path / "v.mp4", frames(0, 20, 80, 64))

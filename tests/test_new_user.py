@@ -70,14 +70,14 @@ def test_check_consumer_fails_when_the_librarys_model_computes_something_else(vm
     _stub(monkeypatch, {"torchvision": {}, "torchvision.models": {}, "torchvision.models.video": video})
     sys.modules["torchvision"].models = sys.modules["torchvision.models"]
     sys.modules["torchvision.models"].video = sys.modules["torchvision.models.video"]
-    res = cli("convert", vmz_pickle("r3d", 18), tmp_path / "tv.pth", "--check-consumer")
+    res = cli("convert", vmz_pickle("r3d", 18, keep=True), tmp_path / "tv.pth", "--check-consumer")
     assert_one_line_error(res, "torchvision's own model", "does not compute what Caffe2 computes", code=1)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_check_consumer_without_the_library_is_one_line(vmz_pickle, cli, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)
-    res = cli("convert", vmz_pickle("r3d", 18), tmp_path / "tv.pth", "--check-consumer", "--no-parity")
+    res = cli("convert", vmz_pickle("r3d", 18, keep=True), tmp_path / "tv.pth", "--check-consumer", "--no-parity")
     assert_one_line_error(res, "torchvision is not importable here")
 
 
@@ -167,11 +167,11 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
 @pytest.fixture(scope="module")
 def small_verify(tmp_path_factory, vmz_pickle):
     from vmzconv.convert import convert
-    from vmzconv.verify.synthetic import frames, write_video
+    from .synthetic import frames, write_video
 
     d = tmp_path_factory.mktemp("verify_early")
     ckpt = d / "r3d.pth"
-    convert(vmz_pickle("r3d", 18), ckpt, check_parity=False, card=False)
+    convert(vmz_pickle("r3d", 18, keep=True), ckpt, check_parity=False, card=False)
     write_video(d / "v0.mp4", frames(0, 24, 80, 64))
     return d, ckpt
 
@@ -240,7 +240,7 @@ def test_verify_help_has_no_literal_percent_signs(cli):
 
 
 def test_publish_creates_its_folder(vmz_pickle, cli, tmp_path):
-    res = cli("convert", vmz_pickle("r3d", 18), tmp_path / "new" / "releases", "--publish", "vmz_r3d_r18",
+    res = cli("convert", vmz_pickle("r3d", 18, keep=True), tmp_path / "new" / "releases", "--publish", "vmz_r3d_r18",
               "--no-parity", "--json")
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["output"].startswith(str(tmp_path / "new" / "releases" / "vmz_r3d_r18_"))

@@ -16,6 +16,11 @@ from vmzconv import checkpoint, synth
 from .conftest import wait_for
 
 
+def _default_sigint():
+    """In the child, before exec: SIGINT at its default, so that Python installs its handler even when this
+    test runs under a parent that ignores SIGINT (bash gives background jobs SIG_IGN, which exec keeps)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 def _pickles(folder, n, depth=50):
     folder.mkdir()
@@ -47,7 +52,8 @@ def test_sigint_during_bulk_exits_cleanly(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "bulk", str(src), str(out), "--jobs", "1",
                              "--parity-clip", "8,64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)
     assert wait_for(lambda: list(out.glob("*.pth.json")))
     os.killpg(proc.pid, signal.SIGINT)                     # like Ctrl-C: the whole process group
     stdout, stderr = proc.communicate(timeout=120)
@@ -74,7 +80,7 @@ def test_sigint_during_convert_leaves_nothing(vmz_pickle, tmp_path):
     src = vmz_pickle("ipcsn", 152)
     out = tmp_path / "big.pth"
     proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "convert", str(src), str(out), "--parity-clip", "16,224"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     # Ready: it is reading the 120 MB pickle; parity on 16x224 (seconds) still lies ahead of any write.
     assert wait_for(lambda: _open_by(proc.pid, src), timeout=120), "convert never opened its input"
     proc.send_signal(signal.SIGINT)
@@ -85,7 +91,7 @@ def test_sigint_during_convert_leaves_nothing(vmz_pickle, tmp_path):
 
 def test_sigint_during_verify_leaves_no_partial_files(vmz_pickle, tmp_path):
     from vmzconv.convert import convert
-    from vmzconv.verify.synthetic import frames, write_video
+    from .synthetic import frames, write_video
 
     ckpt = tmp_path / "ir50.pth"
     convert(vmz_pickle("ircsn", 50), ckpt, check_parity=False, card=False)
@@ -103,7 +109,8 @@ def test_sigint_during_verify_leaves_no_partial_files(vmz_pickle, tmp_path):
                              "--data-root", str(data), "--clip-len", "16", "--num-clips", "4", "--short-side", "96",
                              "--crop-size", "96", "--workers", "1", "--cache", str(cache), "--out", str(out),
                              "--report", str(rep)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)
     try:
         assert wait_for(lambda: len(list(cache.rglob("*.npy"))) == 3), "verify never reached the blocked video"
         os.killpg(proc.pid, signal.SIGINT)

@@ -16,8 +16,9 @@ from vmzconv.arch import Arch
 from vmzconv.errors import VmzconvError
 from vmzconv.models import build_model
 from vmzconv.verify import metrics
-from vmzconv.verify import protocol as P
-from vmzconv.verify.synthetic import frames, write_rawframes, write_video
+from vmzconv.video import protocol as P
+from vmzconv.video.windows import clip_views
+from .synthetic import frames, write_rawframes, write_video
 
 from .conftest import assert_one_line_error, run_cli
 
@@ -77,7 +78,8 @@ def test_three_crop_offsets_and_view_order():
     fr = np.zeros((2, 4, 6, 3), np.uint8)
     fr[0], fr[1] = 10, 20                                                # clip 0, clip 1
     fr[:, :, 4:] += 1                                                    # right edge marked
-    v = P.views(fr, P.Protocol(num_clips=2, clip_len=1, short_side=4, crop_size=4))
+    source = ((i, lambda f=f: f) for i, f in enumerate(fr))             # two frames, one per clip
+    v = clip_views(source, 2, P.Protocol(num_clips=2, clip_len=1, short_side=4, crop_size=4), "x")
     assert v.shape == (6, 1, 4, 4, 3)
     assert [int(x[0, 0, 0, 0]) for x in v] == [10, 20, 10, 20, 10, 20]  # view = crop * clips + clip
     assert v[2, 0, 0, -1, 0] == 11 and v[0, 0, 0, -1, 0] == 10          # crop 1 is the right one

@@ -13,6 +13,7 @@ from . import __version__
 from .arch import ARCH_NAMES, FAMILIES
 from .errors import CheckError, VmzconvError
 from .parity import DEFAULT_TOLERANCE, parse_clip
+from .run import PRECISIONS, RUNTIMES
 from .targets import DEFAULT_TARGET, TARGETS, TARGET_NAMES
 from .text import render_table, safe
 
@@ -409,6 +410,22 @@ _PROTOCOL_OPTIONS = (
     click.option("--mean", callback=lambda c, p, v: _floats3(v), help="R,G,B mean on 0-255 (overrides --norm)."),
     click.option("--std", callback=lambda c, p, v: _floats3(v), help="R,G,B std on 0-255 (overrides --norm)."),
 )
+_RUNTIME_OPTIONS = (
+    click.option("--runtime", type=click.Choice(RUNTIMES), default="auto",
+                 show_default=True, envvar="VMZCONV_RUNTIME", show_envvar=True,
+                 help="What runs the model. auto: on the CPU the fastest installed of openvino, onnxruntime, torch "
+                      "(in that order, as benchmarks/runtime.py measured); on CUDA torch. ONNX runtimes run the "
+                      "graph `export --dynamic` writes, cached (--graph-cache) and proven against PyTorch on first "
+                      "use; one that fails falls back to torch with a note."),
+    click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                 help="fp16/bf16: CUDA autocast (with BN folded); bf16 on the CPU with --runtime openvino."),
+    click.option("--workers", type=click.IntRange(min=0), help="Decoding worker processes (default: min(4, cores-1))."),
+    click.option("--threads", type=click.IntRange(min=1),
+                 help="CPU threads per process (default: cores / processes). Results are reproducible for a fixed value."),
+    click.option("--graph-cache", type=click.Path(file_okay=False),
+                 help="Folder for the ONNX runtimes' graphs (default: $VMZCONV_CACHE, else ~/.cache/vmzconv)."),
+)
 _PROTOCOL_KEYS = ("clip_len", "frame_interval", "num_clips", "short_side", "resize", "crop_size", "num_crops")
 
 
@@ -429,6 +446,25 @@ def _protocol_overrides(kw: dict) -> dict:
     if over["num_crops"] is not None:
         over["num_crops"] = int(over["num_crops"])
     return over
+
+
+def _runtime_options(fn):
+    """--runtime --device --precision --workers --threads --graph-cache, shared by verify, predict and
+    features (each adds its own --max-views or --batch)."""
+    for option in reversed(_RUNTIME_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _run_settings(kw: dict, max_views: int = 30):
+    """Pop the protocol, normalisation and runtime options from ``kw``: (protocol overrides, Norm, RuntimeOptions)."""
+    from .run import Norm, RuntimeOptions
+
+    norm = Norm(kw.pop("norm"), kw.pop("mean"), kw.pop("std"))
+    rt = RuntimeOptions(device=kw.pop("device"), precision=kw.pop("precision"), max_views=max_views,
+                        workers=kw.pop("workers"), threads=kw.pop("threads"), runtime=kw.pop("runtime"),
+                        graph_cache=kw.pop("graph_cache"))
+    return _protocol_overrides(kw), norm, rt
 
 
 def _describe_protocol(p: dict) -> str:
@@ -453,31 +489,25 @@ def _describe_protocol(p: dict) -> str:
 @click.option("--filename-tmpl", default="img_{:05d}.jpg", show_default=True,
               help="Rawframe file names (1-based index).")
 @click.option("--label-map", type=click.Path(exists=True, dir_okay=False), help="Class names, one per line.")
-@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Autocast precision on CUDA (CPU always runs fp32).")
+@_runtime_options
 @click.option("--max-views", type=click.IntRange(min=1), default=30, show_default=True, help="Views per forward pass.")
-@click.option("--workers", type=click.IntRange(min=0), help="Decoding worker processes (default: min(4, cores-1)).")
 @click.option("--cache", type=click.Path(file_okay=False), help="Keep per-video probabilities here; a rerun resumes.")
 @click.option("--skip-bad", is_flag=True, help="Skip (and report) videos that cannot be decoded instead of failing.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False),
               help="JSON list of averaged probabilities, one per video in annotation order (MMAction2 --out).")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False),
-              help="JSON report: metrics, counts, protocol, checkpoint sha256, timings.")
+              help="JSON report: metrics, counts, protocol, checkpoint sha256, runtime, timings.")
 @click.option("--expect-top1", type=float, help="Fail (exit 1) unless top-1 (in percent) is within --tolerance of this.")
 @click.option("--expect-top5", type=float, help="Same for top-5.")
 @click.option("--expect-published", is_flag=True,
               help="Expect the published MMAction2 (else VMZ) accuracy of a known zoo checkpoint.")
 @click.option("--tolerance", type=float, default=0.5, show_default=True, help="Allowed gap, in percentage points.")
-@click.option("--threads", type=click.IntRange(min=1),
-              help="CPU threads per process (default: cores / processes). Results are reproducible for a fixed value.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
               help="Videos left out of the inference-speed timing (per rank).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def verify(ckpt, ann, data_root, ann_format, allow_outside_root, arch, filename_tmpl, label_map, device, precision, max_views, workers,
-           cache, skip_bad, out_file, report_file, expect_top1, expect_top5, expect_published, tolerance, threads, warmup,
-           quiet, **kw):
+def verify(ckpt, ann, data_root, ann_format, allow_outside_root, arch, filename_tmpl, label_map, max_views, cache,
+           skip_bad, out_file, report_file, expect_top1, expect_top5, expect_published, tolerance, warmup, quiet, **kw):
     """Measure CKPT's accuracy on a video list the way its published numbers were measured: by default
     the protocol in CKPT's card (CSN: MMAction2's test, 10 clips x 3 crops of 32 frames (interval 2) at
     short side 256; R(2+1)D/R3D: VMZ's test, 10 clips x 1 centre crop of 112 from 171x128 frames),
@@ -485,30 +515,19 @@ def verify(ckpt, ann, data_root, ann_format, allow_outside_root, arch, filename_
     present, else CPU; under `torchrun --nproc_per_node N -m vmzconv verify ...` the list is sharded
     over ranks and the metrics equal a single-process run.
     """
-    from .verify.runner import Options, check_expectations, published_expectation, write_json
+    from .verify.runner import Options
     from .verify.runner import run as run_verify
 
-    opts = Options(str(ckpt), ann, data_root, ann_format, arch, None, kw.pop("mean"), kw.pop("std"), kw.pop("norm"),
-                   filename_tmpl, label_map, device, precision, max_views, workers, cache, skip_bad, warmup=warmup,
-                   threads=threads, quiet=quiet, protocol_overrides=_protocol_overrides(kw),
-                   allow_outside_root=allow_outside_root)
-    from .files import check_writable
-
-    for path in (out_file, report_file):                   # fail before the (long) run, not after
-        if path:
-            check_writable(Path(path).resolve().parent, str(path))
-    if expect_published and expect_top1 is None:
-        expect_top1, expect_top5 = published_expectation(ckpt)
+    protocol, norm, rt = _run_settings(kw, max_views)
+    opts = Options(str(ckpt), ann, data_root, ann_format=ann_format, arch=arch, runtime=rt, norm=norm,
+                   protocol_overrides=protocol, filename_tmpl=filename_tmpl, label_map=label_map, cache=cache,
+                   skip_bad=skip_bad, warmup=warmup, quiet=quiet, allow_outside_root=allow_outside_root,
+                   out=out_file, report=report_file, expect_top1=expect_top1, expect_top5=expect_top5,
+                   expect_published=expect_published, tolerance=tolerance)
     outcome = run_verify(opts)
     if not outcome.report:          # a non-zero rank under torchrun: rank 0 reports
         return
     rep, m = outcome.report, outcome.metrics
-    checks = check_expectations(m, expect_top1, expect_top5, tolerance)
-    rep["expectations"] = checks
-    if out_file:
-        write_json(out_file, outcome.probs)
-    if report_file:
-        write_json(report_file, rep)
     ann_info, t = rep["annotations"], rep["timings"]
     click.echo(f"checkpoint   {safe(ckpt)} ({rep['checkpoint']['arch']}, {rep['checkpoint']['target']})")
     click.echo(f"videos       {ann_info['evaluated']} evaluated of {ann_info['videos']}"
@@ -525,18 +544,18 @@ def verify(ckpt, ann, data_root, ann_format, allow_outside_root, arch, filename_
     inference = (f"{speed} video/s inference" if speed is not None
                  else f"inference speed not measured (only {t['inference_videos_timed']} videos after the "
                       f"{t['warmup_videos_excluded']} warm-up ones; lower --warmup)")
-    click.echo(f"speed        {t['end_to_end_video_per_s']} video/s end to end; {inference} on {rep['device']}"
+    click.echo(f"speed        {t['end_to_end_video_per_s']} video/s end to end; {inference} on {rep['device']} "
+               f"({rep['runtime']}, {rep['precision']})"
                + (f"; peak GPU memory {t['peak_gpu_memory_mib']} MiB" if t["peak_gpu_memory_mib"] is not None else ""))
     if expect_published:
         click.echo("expect       published numbers of the zoo entry matched by FILE NAME only (unverified: no "
                    "sha256 of the released files is known)")
-    for c in checks:
+    for c in outcome.checks:
         click.echo(f"expect       {c['metric']} {c['expected']:.2f}% +- {tolerance}: measured {c['measured']:.2f}% -> "
                    f"{'PASS' if c['passed'] else 'FAIL'}")
-    failed = [c for c in checks if not c["passed"]]
-    if failed:
+    if outcome.failed:
         raise CheckError("accuracy check failed: " + "; ".join(
-            f"{c['metric']} {c['measured']:.2f}% vs expected {c['expected']:.2f}%" for c in failed))
+            f"{c['metric']} {c['measured']:.2f}% vs expected {c['expected']:.2f}%" for c in outcome.failed))
 
 
 @main.command()
@@ -586,29 +605,24 @@ def export(ckpt, out, output, clip, dynamic, opset, arch, card, force, as_json):
                    "IG-65M's 359 classes have none, so indices are shown).")
 @click.option("--arch", type=click.Choice(ARCH_NAMES), help="Required for checkpoints without vmzconv meta.")
 @_protocol_options
-@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="Autocast precision on CUDA (CPU always runs fp32).")
+@_runtime_options
 @click.option("--max-views", type=click.IntRange(min=1), default=30, show_default=True, help="Views per forward pass.")
-@click.option("--workers", type=click.IntRange(min=0), help="Decoding worker processes (default: min(4, cores-1)).")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: 0-based class indices, probabilities in 0-1.")
 @_fail_cleanly
-def predict(ckpt, videos, top_k, labels, arch, device, precision, max_views, workers, threads, as_json, **kw):
+def predict(ckpt, videos, top_k, labels, arch, max_views, as_json, **kw):
     """What is in each VIDEO: CKPT's recorded test protocol (the one `verify` runs, with the same options
     and defaults), softmax per view, mean over views; the top-k classes with names and probabilities."""
     from .predict import predict as run_predict
 
-    results, p, conv = run_predict(str(ckpt), list(videos), arch=arch, top_k=top_k, labels=labels,
-                                   norm=kw.pop("norm"), mean=kw.pop("mean"), std=kw.pop("std"),
-                                   protocol_overrides=_protocol_overrides(kw), device=device, precision=precision,
-                                   max_views=max_views, workers=workers, threads=threads)
+    protocol, norm, rt = _run_settings(kw, max_views)
+    results, p, conv, how = run_predict(str(ckpt), list(videos), arch=arch, top_k=top_k, labels=labels,
+                                        protocol_overrides=protocol, norm=norm, runtime=rt)
     if as_json:
         click.echo(json.dumps([{"video": r.video, "top": [{"index": c, "name": n, "probability": pr}
                                                           for c, n, pr in r.top]} for r in results], indent=2))
         return
     click.echo(f"{safe(ckpt)} ({conv.arch.name}, {conv.arch.num_classes} classes); protocol "
-               f"{_describe_protocol(p.to_dict())}")
+               f"{_describe_protocol(p.to_dict())}; {how['runtime']} {how['precision']} on {how['device']}")
     for r in results:
         click.echo(safe(r.video))
         rows = [[f"  {k + 1}.", f"{pr * 100:6.2f}%", f"[{c}]", n or "(no class names for this model)"]
@@ -633,17 +647,14 @@ def predict(ckpt, videos, top_k, labels, arch, device, precision, max_views, wor
 @click.option("--format", "fmt", type=click.Choice(["npy", "h5"]), default="npy", show_default=True)
 @click.option("--arch", type=click.Choice(ARCH_NAMES), help="Required for checkpoints without vmzconv meta.")
 @_protocol_options
+@_runtime_options
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per forward pass.")
-@click.option("--workers", type=click.IntRange(min=0), help="Decoding worker processes (default: min(4, cores-1)).")
-@click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads per process; fix it for bit-identical reruns.")
 @click.option("--force", is_flag=True, help="Redo videos whose outputs are up to date.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable videos (listed in skipped.txt) instead of failing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def features(ckpt, videos, out_dir, ann, data_root, layer, stride, fps, crop, fmt, arch, batch, workers, device,
-             precision, threads, force, skip_bad, quiet, **kw):
+def features(ckpt, videos, out_dir, ann, data_root, layer, stride, fps, crop, fmt, arch, batch, force, skip_bad, quiet,
+             **kw):
     """Clip features of whole videos in sliding windows, for localisation and retrieval.
 
     Windows start at frames 0, S, 2S, ... while start + span <= frames (span = (clip_len-1) x interval + 1,
@@ -655,9 +666,10 @@ def features(ckpt, videos, out_dir, ann, data_root, layer, stride, fps, crop, fm
     from .features import Options as FeatureOptions
     from .features import run as run_features
 
-    opts = FeatureOptions(str(ckpt), list(videos), str(out_dir), ann, data_root, arch, layer, crop, stride, fps, fmt,
-                          batch, workers, device, precision, threads, force, skip_bad, quiet, kw.pop("norm"),
-                          kw.pop("mean"), kw.pop("std"), _protocol_overrides(kw))
+    protocol, norm, rt = _run_settings(kw)
+    opts = FeatureOptions(str(ckpt), list(videos), str(out_dir), ann=ann, data_root=data_root, arch=arch, layer=layer,
+                          crop=crop, stride=stride, fps=fps, fmt=fmt, batch=batch, force=force, skip_bad=skip_bad,
+                          quiet=quiet, runtime=rt, norm=norm, protocol_overrides=protocol)
     if not videos and not ann:
         raise VmzconvError("features: give VIDEOS, or --ann LIST with --data-root DIR")
     res = run_features(opts)

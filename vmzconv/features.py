@@ -15,9 +15,8 @@ import csv
 import functools
 import io
 import json
-import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,99 +24,42 @@ import numpy as np
 from . import __version__
 from .errors import InputError, OutputError, VmzconvError
 from .files import write_atomic
-from .verify import annotations, decode
-from .verify import protocol as P
+from .run import Norm, RuntimeOptions, open_run
+from .video import annotations
+from .video.decode import DecodeError, open_video
+from .video.windows import CROPS, Shaper, SlidingPlan, Windows, cut
 
 LAYERS = ("pool", "logits", "probs")
-CROPS = ("center", "none", "three")
 FORMATS = ("npy", "h5")
 INDEX_HEADER = ["video", "row", "start_frame", "end_frame", "start_sec", "end_sec", "fps"]
 
 
-@dataclass(frozen=True)
-class Windows:
-    clip_len: int
-    frame_interval: int
-    stride: int
-    crop: str                 # center | none | three
-    fps: float | None         # resample to this rate first
-    protocol: P.Protocol      # its resize / short side / crop size shape each frame
-
-    @property
-    def span(self) -> int:
-        return (self.clip_len - 1) * self.frame_interval + 1
-
-    def starts(self, num_frames: int) -> list[int]:
-        """Window start frames for a video of ``num_frames`` frames (the rule in the module docstring)."""
-        if num_frames < self.span:
-            return [0]
-        return list(range(0, num_frames - self.span + 1, self.stride))
-
-    def record(self) -> dict:
-        p = self.protocol
-        return {"clip_len": self.clip_len, "frame_interval": self.frame_interval, "stride": self.stride,
-                "crop": self.crop, "fps": self.fps, "short_side": p.short_side, "crop_size": p.crop_size,
-                "resize": list(p.resize) if p.resize else None}
-
-
-def _crops(frame: np.ndarray, w: Windows, boxes: list) -> np.ndarray:
-    """[crops, h, w, 3] of one resized frame (``boxes``: the crop corners, the same for every frame)."""
-    if w.crop == "none":
-        return frame[None]
-    c = w.protocol.crop_size
-    return np.stack([frame[y:y + c, x:x + c] for x, y in boxes])
-
-
-def _boxes(frame: np.ndarray, w: Windows) -> list:
-    """Crop corners for frames of this size, worked out once per video."""
-    if w.crop == "none":
-        return []
-    h, wd = frame.shape[:2]
-    return P.crop_boxes(wd, h, replace(w.protocol, num_crops=3 if w.crop == "three" else 1))
-
-
 def window_chunks(path: str, w: Windows, batch: int):
     """(uint8 views [B * crops, T, h, w, 3], info) for the windows of one video, ``batch`` windows at a
-    time, cut while the video streams past; info = {fps, windows: [(start, end_frame)], crops}."""
-    rate = w.fps or decode.video_rate(path)
-    span, step = w.span, w.frame_interval
-    buf: dict[int, np.ndarray] = {}
-    pending: list = []
-    start, n, boxes = 0, 0, None
+    time, cut while the video streams past (one open of the file); info = {fps, windows: [(start,
+    end_frame)], crops}."""
+    with open_video(path) as video:
+        rate = w.fps or video.rate
+        if not rate:
+            raise DecodeError(f"{path}: the video does not say its frame rate (use --fps)")
+        pending: list = []
 
-    def chunk():
-        try:
-            views = np.concatenate([v for _, _, v in pending])
-        except ValueError:
-            raise decode.DecodeError(f"{path}: frames change size mid-video") from None
-        info = {"fps": rate, "windows": [(s, e) for s, e, _ in pending], "crops": int(pending[0][2].shape[0])}
-        pending.clear()
-        return views, info
+        def chunk():
+            views = np.concatenate([v for _, v in pending])
+            info = {"fps": rate, "windows": [(s, e) for (s, e, _), _ in pending], "crops": int(pending[0][1].shape[0])}
+            pending.clear()
+            return views, info
 
-    for frame in decode.iter_frames(path, w.fps):
-        # keep a frame only if a window that is still open takes it (start + i * interval)
-        if any((n - s) % step == 0 for s in range(start, n + 1, w.stride) if n < s + span):
-            frame = P.resize(frame, w.protocol)
-            if boxes is None:
-                boxes = _boxes(frame, w)
-            buf[n] = _crops(frame, w, boxes)
-        n += 1
-        while start + span <= n:
-            idx = [start + i * step for i in range(w.clip_len)]
-            pending.append((start, idx[-1], np.stack([buf[j] for j in idx], axis=1)))    # [crops, T, h, w, 3]
-            start += w.stride
-            for j in [j for j in buf if j < start]:
-                del buf[j]
+        produced = False
+        for window, views in cut(video.frames(w.fps), SlidingPlan(w), Shaper(w.protocol, w.crop, path)):
+            produced = True
+            pending.append((window, views))
             if len(pending) == batch:
                 yield chunk()
-    if n == 0:
-        raise decode.DecodeError(f"{path}: no decodable frames")
-    if start == 0 and n < span:           # shorter than one window: its missing frames repeat the last one
-        last = max(buf)
-        idx = [min(i * step, last) for i in range(w.clip_len)]
-        pending.append((0, n - 1, np.stack([buf[j] for j in idx], axis=1)))
-    if pending:
-        yield chunk()
+        if not produced:
+            raise DecodeError(f"{path}: no decodable frames")
+        if pending:
+            yield chunk()
 
 
 @dataclass
@@ -133,17 +75,12 @@ class Options:
     stride: int | None = None
     fps: float | None = None
     fmt: str = "npy"
-    batch: int = 8
-    workers: int | None = None
-    device: str | None = None
-    precision: str = "fp32"
-    threads: int | None = None
+    batch: int = 8                     # windows per forward pass
     force: bool = False
     skip_bad: bool = False
     quiet: bool = False
-    norm: str | None = None
-    mean: list | None = None
-    std: list | None = None
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    norm: Norm = field(default_factory=Norm)
     protocol_overrides: dict | None = None
 
 
@@ -179,25 +116,6 @@ def _names(items) -> list[str]:
 
 def run(opts: Options) -> Summary:
     """Extract features for every video (this rank's share under torchrun); returns what was written."""
-    from .verify.runner import barrier, dist_info, mean_std, setup_device
-
-    rank, world = dist_info()
-    try:
-        return _run(opts, rank, world, setup_device, barrier, mean_std)
-    finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
-def _run(opts: Options, rank: int, world: int, setup_device, barrier, mean_std) -> Summary:
-    import torch
-
-    from .inference import Engine, stream
-    from .load import load_converted
-
     if opts.layer not in LAYERS or opts.crop not in CROPS or opts.fmt not in FORMATS:
         raise VmzconvError(f"--layer {LAYERS}, --crop {CROPS}, --format {FORMATS}")
     out_dir = Path(opts.out_dir)
@@ -210,13 +128,15 @@ def _run(opts: Options, rank: int, world: int, setup_device, barrier, mean_std) 
     from .files import check_writable
 
     check_writable(out_dir, str(out_dir))
-    device = setup_device(opts.device, world)
-    torch.set_num_threads(opts.threads or max(1, (os.cpu_count() or 1) // world))
-    conv = load_converted(opts.ckpt, opts.arch)
-    if opts.layer != "pool" and not conv.target.has_head:
-        raise InputError(f"{opts.ckpt}: a backbone-only ({conv.target.name}) file has no classifier; use --layer pool")
-    over = dict(opts.protocol_overrides or {})
-    protocol = P.Protocol.from_card(conv.meta.get("input"), **over)
+    rt = replace(opts.runtime, max_views=opts.batch * (3 if opts.crop == "three" else 1))
+    need = f"{opts.ckpt}: a backbone-only file has no classifier; use --layer pool" if opts.layer != "pool" else None
+    with open_run(opts.ckpt, opts.arch, rt, "features" if opts.layer == "pool" else "logits",
+                  opts.protocol_overrides, opts.norm, need, opts.quiet) as r:
+        return _run(opts, r, items, names, out_dir)
+
+
+def _run(opts: Options, r, items, names, out_dir: Path) -> Summary:
+    protocol = r.protocol
     stride = opts.stride or protocol.clip_len * protocol.frame_interval
     if stride < 1:
         raise VmzconvError("--stride must be at least 1")
@@ -224,16 +144,14 @@ def _run(opts: Options, rank: int, world: int, setup_device, barrier, mean_std) 
     if opts.crop == "three" and protocol.resize and min(protocol.resize) != protocol.crop_size:
         raise VmzconvError(f"--crop three needs the short side equal to --crop-size ({protocol.crop_size}); "
                            f"the frames are resized to {protocol.resize[0]}x{protocol.resize[1]}")
-    mean, std = mean_std(opts, conv.meta)
-    record = {"vmzconv_version": __version__, "checkpoint_sha256": conv.sha256, "arch": conv.arch.name,
-              "layer": opts.layer, "windows": wins.record(), "mean": mean, "std": std}
+    record = {"vmzconv_version": __version__, "checkpoint_sha256": r.conv.sha256, "arch": r.conv.arch.name,
+              "layer": opts.layer, "windows": wins.record(), "mean": r.mean, "std": r.std,
+              "runtime": r.engine.runtime, "precision": r.engine.effective_precision}
     parts = out_dir / (".vmzconv-parts" if opts.fmt == "h5" else "")
     parts.mkdir(exist_ok=True)
+    rank, world = r.rank, r.world
     mine = list(range(rank, len(items), world))
     todo = [i for i in mine if opts.force or not _fresh(parts, names[i], record)]
-    engine = Engine(device, opts.precision, opts.batch * (3 if opts.crop == "three" else 1))
-    model = engine.prepare(conv.model)
-    fn = model.features if opts.layer == "pool" else model
     from tqdm import tqdm
 
     bar = tqdm(unit="window", desc="features", file=sys.stderr, disable=opts.quiet or rank != 0 or not sys.stderr.isatty())
@@ -241,7 +159,7 @@ def _run(opts: Options, rank: int, world: int, setup_device, barrier, mean_std) 
     skipped: dict[int, str] = {}
     load = functools.partial(_item_chunks, w=wins, batch=opts.batch)
     try:
-        for out in stream(engine, fn, [items[i] for i in todo], load, mean, std, opts.workers):
+        for out in r.stream([items[i] for i in todo], load):
             i = out.item.index
             if out.done:
                 if out.error is not None:
@@ -259,14 +177,14 @@ def _run(opts: Options, rank: int, world: int, setup_device, barrier, mean_std) 
             bar.update(value.shape[0])
     finally:
         bar.close()
-    barrier(world)
+    r.barrier()
     index = h5 = None
     if rank == 0:
         index, h5, total, dim = _finish(out_dir, parts, names, items, skipped, record, opts.fmt, world)
     else:
         total, dim = 0, None
-    barrier(world)
-    return Summary(str(out_dir), len(items), len(mine) - len(skipped), {items[i].path: r for i, r in skipped.items()},
+    r.barrier()
+    return Summary(str(out_dir), len(items), len(mine) - len(skipped), {items[i].path: why for i, why in skipped.items()},
                    total, dim, index, h5)
 
 

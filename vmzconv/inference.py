@@ -1,8 +1,18 @@
-"""Videos in, model outputs out: the one inference path behind ``verify``, ``predict`` and ``features``.
+"""Videos in, model outputs out: the engines (one per runtime) and the stream behind every command that
+runs a model.
 
-A DataLoader decodes and crops ahead in worker processes (uint8 views, so little crosses the
-process boundary); the main process normalises on the device and runs the views in chunks of
-``max_views`` (autocast on CUDA when asked). Nothing here knows about metrics, caches or reports.
+An :class:`Engine` takes uint8 views [V, T, H, W, 3], normalises them (``video.protocol.normalise``)
+and runs them ``max_views`` at a time, returning float32 [V, D] on the CPU. Runtimes:
+
+* ``torch``: the PyTorch model itself (CUDA autocast for fp16/bf16, which also folds BN).
+* ``onnxruntime`` / ``openvino``: the ONNX graph from ``export``'s code path (dynamic N, T, H, W),
+  cached by checkpoint sha256 and graph options, and proven against the PyTorch model on a fixed
+  clip the first time it is used (``runtimes.py``). A runtime that is missing, fails to load the
+  graph, or fails the proof falls back to torch with a one-line note.
+
+``auto`` takes, on the CPU, the fastest installed fp32 runtime as ``benchmarks/runtime.py`` measured
+it here (OpenVINO, then ONNX Runtime, then torch); on CUDA, torch. A DataLoader decodes and crops
+ahead in worker processes (uint8 views, so little crosses the process boundary).
 """
 
 from __future__ import annotations
@@ -16,9 +26,9 @@ import numpy as np
 import torch
 
 from .errors import VmzconvError
-from .verify.protocol import normalise
+from .video.protocol import normalise
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")     # fastest first, as benchmarks/runtime.py measured
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -38,55 +48,107 @@ def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
-@dataclass
 class Engine:
-    """How views run through a model: device, precision (autocast on CUDA only), views per forward."""
+    """Runs views through one runtime: normalise, chunks of ``max_views``, float32 [V, D] on the CPU."""
 
-    device: torch.device
-    precision: str = "fp32"
-    max_views: int = 30
+    runtime = "?"
 
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise VmzconvError(f"--precision {self.precision!r}: one of {', '.join(PRECISIONS)}")
+    def __init__(self, device: torch.device, precision: str, max_views: int):
+        self.device, self.precision, self.max_views = device, precision, max_views
 
     @property
-    def amp(self) -> bool:
-        return self.device.type == "cuda" and self.precision != "fp32"
+    def effective_precision(self) -> str:
+        return self.precision
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """On the device, in eval mode; the fast path (bf16/fp16 on CUDA) also folds BN into the convs."""
-        model = model.eval().to(self.device)
-        if self.amp:
-            from .models import fold_bn
-
-            model = fold_bn(model)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            model = model.to(memory_format=torch.channels_last_3d)
-        return model
-
-    def _autocast(self):
-        if self.amp:
-            return torch.autocast("cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     @torch.inference_mode()
-    def run(self, fn: Callable[[torch.Tensor], torch.Tensor], views, mean, std) -> torch.Tensor:
-        """``fn`` on uint8 views [V, T, H, W, 3], ``max_views`` at a time; float32 [V, D] on the CPU."""
+    def run(self, views, mean, std) -> torch.Tensor:
         x = torch.as_tensor(views).to(self.device, non_blocking=True)
-        outs = []
-        for s in range(0, x.shape[0], self.max_views):
-            clip = normalise(x[s:s + self.max_views], mean, std)
-            if self.device.type == "cuda":
-                clip = clip.contiguous(memory_format=torch.channels_last_3d)
-            with self._autocast():
-                outs.append(fn(clip).float())
+        outs = [self.forward(normalise(x[s:s + self.max_views], mean, std)).float()
+                for s in range(0, x.shape[0], self.max_views)]
         return torch.cat(outs).cpu()
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def has_channelwise_convs(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Conv3d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+
+
+class TorchEngine(Engine):
+    """The PyTorch model (``fn``: the model, or its ``features``) on the device. On CUDA: channels-last-3d,
+    and with fp16/bf16 autocast and BN folded into the convs. On the CPU, a model with channel-wise convs
+    (CSN) also gets folded BN and channels-last-3d: 0.73x the time per view at 8x224 and 0.42x at
+    32x224 for ir-CSN-152 (benchmarks/runtime.py); R(2+1)D and R3D do not gain (0.99x, 1.08x), so
+    they run as they are."""
+
+    runtime = "torch"
+
+    def __init__(self, model: torch.nn.Module, output: str, device: torch.device, precision: str = "fp32",
+                 max_views: int = 30):
+        super().__init__(device, precision, max_views)
+        model = model.eval().to(device)
+        self.channels_last = device.type == "cuda" or has_channelwise_convs(model)
+        if self.amp or (device.type == "cpu" and self.channels_last):
+            from .models import fold_bn
+
+            model = fold_bn(model)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        self.model = model
+        self.fn: Callable = model.features if output == "features" else model
+
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda" and self.precision != "fp32"
+
+    @property
+    def effective_precision(self) -> str:
+        return self.precision if self.amp else "fp32"
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            clip = clip.contiguous(memory_format=torch.channels_last_3d)
+        if self.amp:
+            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+            with torch.autocast("cuda", dtype=dtype):
+                return self.fn(clip)
+        return self.fn(clip)
+
+
+def make_engine(conv, rt, device: torch.device, output: str, notes: list) -> Engine:
+    """The engine of ``rt.runtime`` for ``conv``'s model (falling back to torch with a note in ``notes``)."""
+    from . import runtimes
+
+    torch_engine = lambda: TorchEngine(conv.model, output, device, rt.precision, rt.max_views)  # noqa: E731
+    wanted = rt.runtime
+    if device.type == "cuda":
+        if wanted not in ("auto", "torch"):
+            notes.append(f"--runtime {wanted} runs on the CPU only; using torch on {device}")
+        return torch_engine()
+    if rt.precision == "fp16":
+        raise VmzconvError("--precision fp16 is for CUDA; on the CPU use fp32 or bf16 (with --runtime openvino)")
+    candidates = [r for r in CPU_PREFERENCE if runtimes.installed(r)] if wanted == "auto" else [wanted]
+    for name in candidates:
+        if name == "torch":
+            break
+        if not runtimes.installed(name):
+            notes.append(f"--runtime {name}: its package is not installed ({runtimes.EXTRA[name]}); using torch")
+            break
+        engine = runtimes.open_engine(name, conv, rt, output, notes)
+        if engine is not None:
+            return engine
+        if wanted != "auto":
+            break
+    if rt.precision == "bf16":
+        notes.append("--precision bf16 on the CPU needs --runtime openvino; torch runs fp32")
+    return torch_engine()
 
 
 class _Chunks(torch.utils.data.IterableDataset):
@@ -122,12 +184,10 @@ class Output:
     done: bool = False                # the item's last message: no value, maybe an error
 
 
-def stream(engine: Engine, fn: Callable, items: list, load: Callable, mean, std,
-           workers: int | None = None) -> Iterator[Output]:
+def stream(engine: Engine, items: list, load: Callable, mean, std, workers: int | None = None) -> Iterator[Output]:
     """For each item, one :class:`Output` per chunk of views, then one with ``done`` (carrying the error
-    if the item could not be read). ``load(item)`` runs in ``workers`` processes; ``fn`` (the model, or
-    ``model.features``) runs on each chunk through ``engine``. Items of different workers interleave;
-    each item's messages arrive in order."""
+    if the item could not be read). ``load(item)`` runs in ``workers`` processes; the engine runs each
+    chunk. Items of different workers interleave; each item's messages arrive in order."""
     workers = default_workers() if workers is None else workers
     workers = min(workers, len(items))
     loader = torch.utils.data.DataLoader(
@@ -139,6 +199,6 @@ def stream(engine: Engine, fn: Callable, items: list, load: Callable, mean, std,
             continue
         engine.synchronize()
         t0 = time.perf_counter()
-        out = engine.run(fn, views, mean, std)
+        out = engine.run(views, mean, std)
         engine.synchronize()
         yield Output(items[i], out, None, time.perf_counter() - t0, info)

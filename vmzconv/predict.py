@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .verify import annotations, decode
-from .verify.protocol import Protocol
+from .run import Norm, RuntimeOptions, open_run
+from .video import annotations
+from .video.protocol import Protocol
+from .video.windows import item_views
 
 # Built-in class names by class count (IG-65M's 359 pretraining classes have no public names).
 BUILTIN_LABELS = {400: "kinetics400.txt", 487: "sports1m.txt"}
@@ -39,40 +41,30 @@ class Prediction:
 
 
 def predict(ckpt: str, videos: list[str], arch: str | None = None, top_k: int = 5, labels: str | None = None,
-            protocol_overrides: dict | None = None, norm: str | None = None, mean=None, std=None,
-            device: str | None = None, precision: str = "fp32", max_views: int = 30, workers: int | None = None,
-            threads: int | None = None) -> tuple[list[Prediction], Protocol, object]:
+            protocol_overrides: dict | None = None, norm: Norm | None = None,
+            runtime: RuntimeOptions | None = None) -> tuple[list[Prediction], Protocol, object, dict]:
+    """Top-k classes of each video; also the protocol, the converted file and how it ran (``Run.describe``)."""
     import torch
 
-    from .inference import Engine, pick_device, stream
-    from .load import load_converted
-    from .verify.runner import Options, mean_std
-
-    conv = load_converted(ckpt, arch)
-    if not conv.target.has_head:
-        raise InputError(f"{ckpt}: a backbone-only ({conv.target.name}) checkpoint has no classifier to predict with "
-                         "(`vmzconv features --layer pool` gives its features)")
-    names = class_names(conv.arch.num_classes, labels)
-    p = Protocol.from_card(conv.meta.get("input"), **(protocol_overrides or {}))
-    m, s = mean_std(Options(ckpt, "", "", norm=norm, mean=mean, std=std), conv.meta)
     missing = [v for v in videos if not os.path.exists(v) or os.path.isdir(v)]
     if missing:
         raise InputError(f"{missing[0]}: no such video file")
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    engine = Engine(pick_device(device), precision, max_views)
-    model = engine.prepare(conv.model)
-    items = [annotations.Item(i, v, -1, v, "video") for i, v in enumerate(videos)]
-    load = functools.partial(decode.load_views, p=p)
-    probs: dict[int, np.ndarray] = {}
-    for out in stream(engine, model, items, load, m, s, workers):
-        if out.done:
-            if out.error:
-                raise InputError(out.error)
-            continue
-        probs[out.item.index] = torch.softmax(out.value, dim=1).mean(dim=0).numpy().astype(np.float64)
+    need = (f"{ckpt}: a backbone-only checkpoint has no classifier to predict with "
+            "(`vmzconv features --layer pool` gives its features)")
+    with open_run(ckpt, arch, runtime or RuntimeOptions(), "logits", protocol_overrides, norm, need) as r:
+        names = class_names(r.conv.arch.num_classes, labels)
+        items = [annotations.Item(i, v, -1, v, "video") for i, v in enumerate(videos)]
+        probs: dict[int, np.ndarray] = {}
+        for out in r.stream(items, functools.partial(item_views, p=r.protocol)):
+            if out.done:
+                if out.error:
+                    raise InputError(out.error)
+                continue
+            probs[out.item.index] = torch.softmax(out.value, dim=1).mean(dim=0).numpy().astype(np.float64)
+        how = r.describe()
     results = []
     for it in items:
         pr = probs[it.index]
         order = np.argsort(-pr, kind="stable")[:top_k]
         results.append(Prediction(it.path, pr, [(int(c), names[c] if names else None, float(pr[c])) for c in order]))
-    return results, p, conv
+    return results, r.protocol, r.conv, how

@@ -1,6 +1,6 @@
 """Output layouts ("targets"): one :class:`Target` per PyTorch home for VMZ weights.
 
-A target owns what is true of its layout: the model builder (``models/layouts.py``), how a
+A target owns what is true of its layout: the name of its model builder (``models.BUILDERS``), how a
 file in that layout is recognised from its keys, its classifier keys, whether it has a head,
 and which families it can hold (with the reason it refuses the others). The CLI's
 ``--target`` choices, layout recognition for files without vmzconv's meta, and the verify
@@ -38,12 +38,6 @@ class Target:
     def check(self, family: str, arch_name: str) -> None:
         if family in self.refusals:
             raise ArchError(f"target {self.name} cannot hold {arch_name}: {self.refusals[family]}")
-
-    def build(self, arch, **kw):
-        from .models import layouts
-
-        self.check(arch.family, arch.name)
-        return getattr(layouts, self.layout)(arch, **kw)
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (

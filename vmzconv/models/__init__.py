@@ -8,9 +8,14 @@ from torch import nn
 
 from ..arch import Arch
 from ..targets import get_target
+from . import layouts
 from .trunk import BN_EPS, VideoResNet
 
-__all__ = ["BN_EPS", "VideoResNet", "build_model", "fill", "fold_bn", "logits"]
+__all__ = ["BN_EPS", "BUILDERS", "VideoResNet", "build_model", "fill", "fold_bn", "logits"]
+
+# Target.layout -> the function that renders the trunk under that library's module names.
+BUILDERS = {"mmaction2": layouts.mmaction2, "mmaction2_backbone": layouts.mmaction2_backbone,
+            "torchvision": layouts.torchvision, "pytorchvideo": layouts.pytorchvideo}
 
 
 def build_model(target: str, arch: Arch, empty: bool = False, **faults) -> VideoResNet:
@@ -19,10 +24,12 @@ def build_model(target: str, arch: Arch, empty: bool = False, **faults) -> Video
     ``bn_eps``) change the PyTorch side only: they exist to show that parity catches them, and
     to reproduce a consumer that builds the model differently (``parity --trace --bn-eps``)."""
     t = get_target(target)
+    t.check(arch.family, arch.name)
+    build = BUILDERS[t.layout]
     if empty:
         with torch.device("meta"):
-            return t.build(arch, **faults)
-    return t.build(arch, **faults)
+            return build(arch, **faults)
+    return build(arch, **faults)
 
 
 def fill(model: nn.Module, state_dict) -> nn.Module:

@@ -128,15 +128,6 @@ def crop_boxes(w: int, h: int, p: Protocol) -> list[tuple[int, int]]:
                        "(set --short-side equal to --crop-size)")
 
 
-def views(frames: np.ndarray, p: Protocol) -> np.ndarray:
-    """Resized frames [num_clips * clip_len, H, W, 3] uint8 -> views [V, T, C, C, 3] uint8, V = crop*clips + clip."""
-    n, h, w, _ = frames.shape
-    clips = frames.reshape(p.num_clips, p.clip_len, h, w, 3)
-    c = p.crop_size
-    out = [clips[:, :, y:y + c, x:x + c] for x, y in crop_boxes(w, h, p)]
-    return np.ascontiguousarray(np.stack(out).reshape(-1, p.clip_len, c, c, 3))
-
-
 def normalise(v, mean, std):
     """uint8 views [V, T, H, W, 3] (numpy or torch) -> float32 NCTHW (x - mean) / std."""
     import torch

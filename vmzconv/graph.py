@@ -1,0 +1,94 @@
+"""The ONNX graph of a converted model: what ``vmzconv export`` writes and the ONNX runtimes run.
+
+One input ``video`` [N, 3, T, H, W] (float32, normalised as the card says); outputs ``logits``
+[N, classes] and/or ``features`` [N, C] (the globally pooled vector). The batch axis is always
+dynamic; ``dynamic=True`` makes T, H and W dynamic too (global average pooling allows it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import numpy as np
+
+from .errors import VmzconvError
+
+MIN_OPSET = 18          # the torch.export-based exporter's floor
+
+
+class MissingExtraError(VmzconvError):
+    """An optional dependency is not installed."""
+
+
+def _require():
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (the exporter needs it)
+    except ImportError as e:
+        raise MissingExtraError(f"vmzconv export needs the optional extra 'onnx' ({e.name} is missing): "
+                                "pip install 'vmzconv[onnx]'") from None
+    return onnx, onnxruntime
+
+
+class Heads:
+    """The model with the outputs asked for: logits, the pooled features, or both."""
+
+    def __new__(cls, model, which: str):
+        import torch
+
+        class Heads(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, video):
+                feats = self.model.features(video)
+                if which == "features":
+                    return feats
+                logits = self.model.classifier()(feats)
+                return logits if which == "logits" else (logits, feats)
+
+        return Heads().eval()
+
+
+def max_exporter_opset() -> int:
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+        return int(ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return MIN_OPSET
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter logs progress and warnings about packages we do not use (torchvision ops)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def to_onnx(module, clip: np.ndarray, names: list[str], dynamic: bool, opset: int):
+    """The ONNX ModelProto of ``module`` traced on ``clip``."""
+    import torch
+
+    dims = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if dynamic:
+        dims |= {2: torch.export.Dim("T", min=8, max=4096), 3: torch.export.Dim("H", min=32, max=4096),
+                 4: torch.export.Dim("W", min=32, max=4096)}
+    with _quiet():
+        prog = torch.onnx.export(module, (torch.from_numpy(clip),), dynamo=True, opset_version=opset,
+                                 input_names=["video"], output_names=names, dynamic_shapes=(dims,),
+                                 external_data=False, optimize=True, verbose=False)
+    return prog.model_proto

@@ -1,0 +1,194 @@
+"""The one frame-to-view builder: protocol clips (verify, predict) and sliding windows (features).
+
+Frames stream past once (:mod:`.decode` sources). A frame is resized and cropped as soon as it
+arrives, kept only while a window that is still open needs it, and each window is cut
+(``[crops, T, c, c, 3]`` uint8) when its last frame has arrived, so memory follows the windows
+being built, never the video's length. A *plan* says which frames a window takes:
+
+* :class:`ClipPlan`: the protocol's clips of a video of known length (``protocol.frame_indices``);
+* :class:`SlidingPlan`: windows at 0, S, 2S, ... over a video of unknown length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import protocol as P
+from .decode import DecodeError, Source
+
+CROPS = ("center", "none", "three")
+
+
+class Shaper:
+    """Resize (protocol) and crop one frame; crop corners are worked out once, from the first frame."""
+
+    def __init__(self, p: P.Protocol, crop: str | None, path: str):
+        self.p, self.path = p, path
+        self.crop = crop or ("three" if p.num_crops == 3 else "center")
+        self.size: tuple | None = None
+        self.boxes: list = []
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        frame = P.resize(rgb, self.p)
+        if self.size is None:
+            self.size = frame.shape
+            if self.crop != "none":
+                h, w = frame.shape[:2]
+                self.boxes = P.crop_boxes(w, h, replace(self.p, num_crops=3 if self.crop == "three" else 1))
+        elif frame.shape != self.size:
+            raise DecodeError(f"{self.path}: frames change size mid-video ({self.size[1]}x{self.size[0]}, then "
+                              f"{frame.shape[1]}x{frame.shape[0]})")
+        if self.crop == "none":
+            return frame[None]
+        c = self.p.crop_size
+        return np.stack([frame[y:y + c, x:x + c] for x, y in self.boxes])      # [crops, c, c, 3]
+
+
+class ShortVideo(Exception):
+    """The stream ended before a planned frame: it has ``frames`` frames, not what its header claimed."""
+
+    def __init__(self, frames: int):
+        super().__init__(frames)
+        self.frames = frames
+
+
+def cut(frames: Source, plan, shape: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[object, np.ndarray]]:
+    """(window, uint8 [crops, T, c, c, 3]) for each window of ``plan``, as soon as its frames are in."""
+    buf: dict[int, np.ndarray] = {}
+    n = 0
+    for i, get in frames:
+        if plan.wants(i):
+            buf[i] = shape(get())
+        n = i + 1
+        for w in plan.complete(n):
+            yield w, np.stack([buf[j] for j in plan.indices(w)], axis=1)
+        for j in [j for j in buf if not plan.still_needed(j)]:
+            del buf[j]
+    for w in plan.end(n, buf):
+        yield w, np.stack([buf[j] for j in plan.indices(w)], axis=1)
+
+
+class ClipPlan:
+    """The protocol's clips over a video of ``total`` frames; window = clip number."""
+
+    def __init__(self, total: int, p: P.Protocol):
+        self.idx = P.frame_indices(total, p)           # [clips, clip_len], already wrapped mod total
+        self.open = list(range(len(self.idx)))
+        self.needed = set(int(i) for i in self.idx.reshape(-1))
+        self.last = self.idx.max(axis=1)
+
+    def wants(self, i: int) -> bool:
+        return i in self.needed
+
+    def indices(self, k: int):
+        return [int(i) for i in self.idx[k]]
+
+    def complete(self, n: int) -> list[int]:
+        done = [k for k in self.open if self.last[k] < n]
+        if done:
+            self.open = [k for k in self.open if k not in done]
+            self.needed = set(int(i) for k in self.open for i in self.idx[k])
+        return done
+
+    def still_needed(self, i: int) -> bool:
+        return i in self.needed
+
+    def end(self, n: int, buf) -> list[int]:
+        if self.open:
+            raise ShortVideo(n)
+        return []
+
+
+def clip_views(frames: Source, total: int, p: P.Protocol, path: str) -> np.ndarray:
+    """uint8 views [V, T, c, c, 3] of the protocol's clips, V = crop * num_clips + clip (FormatShape's order)."""
+    plan = ClipPlan(total, p)
+    clips = dict(cut(frames, plan, Shaper(p, None, path)))
+    out = np.stack([clips[k] for k in range(len(plan.idx))], axis=1)      # [crops, clips, T, c, c, 3]
+    return np.ascontiguousarray(out.reshape(-1, *out.shape[2:]))
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Sliding windows for ``features``: starts 0, S, 2S, ... while ``start + span <= frames``; a video
+    shorter than one span gives one window whose missing frames repeat the last one."""
+
+    clip_len: int
+    frame_interval: int
+    stride: int
+    crop: str                 # center | none | three
+    fps: float | None         # resample to this rate first
+    protocol: P.Protocol      # its resize / short side / crop size shape each frame
+
+    @property
+    def span(self) -> int:
+        return (self.clip_len - 1) * self.frame_interval + 1
+
+    def starts(self, num_frames: int) -> list[int]:
+        if num_frames < self.span:
+            return [0]
+        return list(range(0, num_frames - self.span + 1, self.stride))
+
+    def record(self) -> dict:
+        p = self.protocol
+        return {"clip_len": self.clip_len, "frame_interval": self.frame_interval, "stride": self.stride,
+                "crop": self.crop, "fps": self.fps, "short_side": p.short_side, "crop_size": p.crop_size,
+                "resize": list(p.resize) if p.resize else None}
+
+
+class SlidingPlan:
+    """:class:`Windows` over a stream of unknown length; window = (start frame, end frame, indices)."""
+
+    def __init__(self, w: Windows):
+        self.w, self.start = w, 0
+
+    def wants(self, n: int) -> bool:
+        w = self.w            # a frame that a still-open window takes (start + i * interval)
+        return any((n - s) % w.frame_interval == 0 for s in range(self.start, n + 1, w.stride) if n < s + w.span)
+
+    def indices(self, window) -> list[int]:
+        return window[2]
+
+    def complete(self, n: int) -> list:
+        w, out = self.w, []
+        while self.start + w.span <= n:
+            idx = [self.start + i * w.frame_interval for i in range(w.clip_len)]
+            out.append((self.start, idx[-1], idx))
+            self.start += w.stride
+        return out
+
+    def still_needed(self, i: int) -> bool:
+        return i >= self.start
+
+    def end(self, n: int, buf) -> list:
+        if n == 0:
+            return []
+        if self.start == 0 and n < self.w.span:         # shorter than one window: repeat the last frame
+            last = max(buf)
+            return [(0, n - 1, [min(i * self.w.frame_interval, last) for i in range(self.w.clip_len)])]
+        return []
+
+
+def item_views(item, p: P.Protocol, filename_tmpl: str = "img_{:05d}.jpg") -> np.ndarray:
+    """uint8 views [V, T, c, c, 3] of one annotation item (a video file or a rawframe folder)."""
+    from .decode import open_video, rawframes
+
+    if item.kind != "video":
+        if not item.total_frames or item.total_frames < 1:
+            raise DecodeError(f"{item.path}: the list gives {item.total_frames} frames")
+        needed = sorted(ClipPlan(item.total_frames, p).needed)
+        return clip_views(rawframes(item.path, needed, filename_tmpl), item.total_frames, p, item.path)
+    with open_video(item.path) as video:
+        total = video.claimed or video.count()
+        if total < 1:
+            raise DecodeError(f"{item.path}: no decodable frames")
+        try:
+            return clip_views(video.frames(), total, p, item.path)
+        except ShortVideo as short:                 # the header claimed more frames than the stream holds
+            total = short.frames
+    if total < 1:
+        raise DecodeError(f"{item.path}: no decodable frames")
+    with open_video(item.path) as video:
+        return clip_views(video.frames(), total, p, item.path)
