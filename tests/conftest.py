@@ -76,12 +76,17 @@ class PickleFactory:
         self.cache: dict[tuple, Path] = {}
         self.last: tuple | None = None
         self.pinned: set[tuple] = set()
+        self.customs: list[Path] = []
 
     def evict_large(self) -> None:
+        """Drop the large cached pickles, and every custom one (a test's own), after each test."""
         for key, path in list(self.cache.items()):
             if key not in self.pinned and (not path.exists() or path.stat().st_size > self.KEEP_BYTES):
                 path.unlink(missing_ok=True)
                 del self.cache[key]
+        for path in self.customs:
+            path.unlink(missing_ok=True)
+        self.customs.clear()
 
     def arrays(self, family: str, depth: int, classes: int = 400, seed: int = 0) -> dict[str, np.ndarray]:
         key = (family, depth, classes, seed)
@@ -100,7 +105,10 @@ class PickleFactory:
         return self.cache[key]
 
     def custom(self, name: str, arrays: dict, wrap: bool = True) -> Path:
-        return synth.write_vmz_pickle(self.root / name, arrays, wrap=wrap)
+        """A pickle of ``arrays`` named ``name``; removed after the test (or module fixture) that made it."""
+        path = synth.write_vmz_pickle(self.root / name, arrays, wrap=wrap)
+        self.customs.append(path)
+        return path
 
 
 @pytest.fixture(scope="session")
@@ -165,6 +173,16 @@ def run_cli(*args) -> Ran:
     finally:
         torch.set_num_threads(threads)
     return Ran(res.exit_code, res.stdout, res.stderr)
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory):
+    """A folder for a module's shared data (converted checkpoints, videos), removed when the module is done."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("module")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def wait_for(pred, timeout: float = 120.0) -> bool:

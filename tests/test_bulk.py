@@ -40,8 +40,9 @@ def test_zoo_lists_every_released_csn_and_r2plus1d_pickle(cli):
 
 
 @pytest.fixture(scope="module")
-def bulk_src(tmp_path_factory, vmz_pickle):
-    src = tmp_path_factory.mktemp("bulk_src")
+def bulk_src(module_dir, vmz_pickle):
+    src = module_dir / "bulk_src"
+    src.mkdir()
     (src / "sub").mkdir()
     links = {
         "irCSN_50_ft_kinetics_from_ig65m_f233743920.pkl": ("ircsn", 50, 400, 0),          # fine-tuned ir-CSN

@@ -19,12 +19,12 @@ CASES = {"ircsn": 50, "ipcsn": 50, "r2plus1d": 18, "r3d": 18}
 
 
 @pytest.fixture(scope="module")
-def golden_ckpts(tmp_path_factory, vmz_pickle):
+def golden_ckpts(module_dir, vmz_pickle):
     """The genuine-Caffe2 golden weights (recipe GOLDEN-1), converted without parity (compared below)."""
     from vmzconv.convert import convert
 
     out = {}
-    folder = tmp_path_factory.mktemp("golden_ckpts")
+    folder = module_dir
     for family, depth in CASES.items():
         src = vmz_pickle.custom(f"golden_{family}_{depth}.pkl", golden_blobs(family, depth))
         out[family] = folder / f"{family}.pth"

@@ -24,11 +24,11 @@ SMALL = ("--short-side", "64", "--crop-size", "64", "--workers", "0", "--threads
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, vmz_pickle):
+def data(module_dir, vmz_pickle):
     """An R3D-18 checkpoint (8-frame clips) and videos of known length at 25 fps."""
     from vmzconv.convert import convert
 
-    d = tmp_path_factory.mktemp("features")
+    d = module_dir
     ckpt = d / "r3d18.pth"
     convert(vmz_pickle("r3d", 18, keep=True), ckpt, check_parity=False, card=False)
     lengths = {"long": 50, "short": 10, "mid": 33}

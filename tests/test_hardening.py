@@ -22,10 +22,10 @@ from .conftest import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
-def r3d(vmz_pickle, tmp_path_factory):
+def r3d(vmz_pickle, module_dir):
     from vmzconv.convert import convert
 
-    d = tmp_path_factory.mktemp("hard")
+    d = module_dir
     ckpt = d / "r3d.pth"
     convert(vmz_pickle("r3d", 18, keep=True), ckpt, check_parity=False, card=False)
     return vmz_pickle("r3d", 18, keep=True), ckpt
@@ -36,8 +36,8 @@ def r3d(vmz_pickle, tmp_path_factory):
     (lambda sd, meta: {"state_dict": list(sd.values())[:3], "meta": meta}, "its state_dict is a list"),
     (lambda sd, meta: {"state_dict": {1: torch.zeros(1)}, "meta": {}}, "under a int key"),
     (lambda sd, meta: {"state_dict": sd, "meta": dict(meta, arch="r3d_rX")}, "names an arch this version does not know"),
-    (lambda sd, meta: {"state_dict": sd, "meta": dict(meta, num_classes=-5)}, "names an arch"),
-    (lambda sd, meta: {"state_dict": sd, "meta": dict(meta, num_classes="many")}, "names an arch"),
+    (lambda sd, meta: {"state_dict": sd, "meta": dict(meta, num_classes=-5)}, "meta field 'num_classes'"),
+    (lambda sd, meta: {"state_dict": sd, "meta": dict(meta, num_classes="many")}, "meta field 'num_classes'"),
 ])
 def test_hostile_pth_files_are_one_line(r3d, cli, tmp_path, make, fragment):
     src, ckpt = r3d

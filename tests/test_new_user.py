@@ -165,11 +165,11 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_verify(tmp_path_factory, vmz_pickle):
+def small_verify(module_dir, vmz_pickle):
     from vmzconv.convert import convert
     from .synthetic import frames, write_video
 
-    d = tmp_path_factory.mktemp("verify_early")
+    d = module_dir
     ckpt = d / "r3d.pth"
     convert(vmz_pickle("r3d", 18, keep=True), ckpt, check_parity=False, card=False)
     write_video(d / "v0.mp4", frames(0, 24, 80, 64))

@@ -28,11 +28,11 @@ SMALL = ("--clip-len", "8", "--num-clips", "2", "--short-side", "64", "--crop-si
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, vmz_pickle):
+def demo(module_dir, vmz_pickle):
     """The demo checkpoints of R3D-18 and ir-CSN-50, and three short videos."""
     from vmzconv.convert import convert
 
-    d = tmp_path_factory.mktemp("runtimes")
+    d = module_dir
     ckpts = {}
     for family, depth in (("r3d", 18), ("ircsn", 50)):
         ckpts[family] = d / f"{family}.pth"

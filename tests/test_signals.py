@@ -89,6 +89,32 @@ def test_sigint_during_convert_leaves_nothing(vmz_pickle, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _open_in_session(sid: int, path) -> bool:
+    """Whether any process of session ``sid`` (a command and its decoding workers) has ``path`` open."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) == sid and _open_by(int(pid), path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _long_video(path, clip, repeats: int) -> None:
+    """``clip`` played ``repeats`` times, encoded as it goes (no array of the whole video)."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt = clip.shape[2], clip.shape[1], "yuv420p"
+        for _ in range(repeats):
+            for img in clip:
+                for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+
+
 def test_sigint_during_verify_leaves_no_partial_files(vmz_pickle, tmp_path):
     from vmzconv.convert import convert
     from .synthetic import frames, write_video
@@ -101,8 +127,8 @@ def test_sigint_during_verify_leaves_no_partial_files(vmz_pickle, tmp_path):
     for i in range(3):
         write_video(data / f"v{i}.mp4", frames(i % 3, 40, 96, 72, seed=i))
         lines.append(f"v{i}.mp4 {i % 3}")
-    os.mkfifo(data / "blocked.mp4")          # opening it blocks until a writer appears: verify cannot finish
-    lines.append("blocked.mp4 0")
+    _long_video(data / "long.mp4", frames(0, 100, 320, 240), 40)      # 4000 frames: seconds of decoding
+    lines.append("long.mp4 0")
     (data / "list.txt").write_text("\n".join(lines) + "\n")
     cache, out, rep = tmp_path / "cache", tmp_path / "out.json", tmp_path / "rep.json"
     proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "verify", str(ckpt), "--ann", str(data / "list.txt"),
@@ -112,7 +138,9 @@ def test_sigint_during_verify_leaves_no_partial_files(vmz_pickle, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=_default_sigint)
     try:
-        assert wait_for(lambda: len(list(cache.rglob("*.npy"))) == 3), "verify never reached the blocked video"
+        # Ready: a worker is decoding the long video, so the run is mid-way (no output is written before the
+        # whole list is done).
+        assert wait_for(lambda: _open_in_session(proc.pid, data / "long.mp4")), "verify never reached the long video"
         os.killpg(proc.pid, signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
     finally:

@@ -14,11 +14,11 @@ CLIP = ("--parity-clip", "8,96")
 
 
 @pytest.fixture(scope="module")
-def ir50(vmz_pickle, tmp_path_factory):
+def ir50(vmz_pickle, module_dir):
     """An ir-CSN-50 pickle and its conversions to MMAction2 and torchvision layouts."""
     from vmzconv.convert import convert
 
-    folder = tmp_path_factory.mktemp("trace")
+    folder = module_dir
     src = vmz_pickle("ircsn", 50)
     mm, tv = folder / "mm.pth", folder / "tv.pth"
     convert(src, mm, check_parity=False, card=False)

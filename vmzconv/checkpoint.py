@@ -115,8 +115,12 @@ def write_card(out: Path, card: dict) -> Path:
     return path
 
 
-def load(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]", dict]:
-    """Read a converted (or any MMAction2) checkpoint safely: ``weights_only`` for .pth."""
+def load(path: str | Path, notes: list | None = None,
+         allow_non_finite: bool = False) -> tuple["OrderedDict[str, torch.Tensor]", dict]:
+    """Read a converted (or any MMAction2) checkpoint safely: ``weights_only`` for .pth, zip records
+    bounded before anything is unpacked, every tensor checked (dense, on a device, a float dtype except
+    the BN counters, finite unless ``allow_non_finite``: parity examines broken files); other float
+    dtypes are cast to float32 with a note in ``notes``."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -128,32 +132,72 @@ def load(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]", dict]:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"{path}: not a readable safetensors file: {e}") from None
-        return _checked_state(path, state), _safetensors_meta(path)
-    _sniff_not_a_checkpoint(path)
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
-        raise InputError(f"{path}: not a readable PyTorch checkpoint: {str(e).splitlines()[0][:200]}") from None
+        return _checked_state(path, state, notes, allow_non_finite), _safetensors_meta(path)
+    obj = _torch_load(path)
     if isinstance(obj, dict) and "state_dict" in obj:
         state, meta = obj["state_dict"], obj.get("meta")
     elif isinstance(obj, dict):
         state, meta = obj, {}
     else:
         raise InputError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return _checked_state(path, state), _checked_meta(path, meta)
+    return _checked_state(path, state, notes, allow_non_finite), _checked_meta(path, meta)
 
 
-def _checked_state(path, state) -> "OrderedDict[str, torch.Tensor]":
+def _torch_load(path: Path, mmap: bool = False):
+    """``torch.load(weights_only=True)`` after the file's own checks, with torch's refusals in one line."""
+    _sniff_not_a_checkpoint(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises many types for a bad file
+        text = str(e)
+        refused = re.search(r"GLOBAL ([\w.]+)", text)
+        if refused:
+            raise InputError(f"{path}: its pickle names {refused.group(1)}, which is neither a tensor nor plain data; "
+                             "refused (checkpoints are read with weights_only=True: nothing in them runs)") from None
+        raise InputError(f"{path}: not a readable PyTorch checkpoint: {text.splitlines()[0][:200] if text else type(e).__name__}") from None
+
+
+_COUNTER = "num_batches_tracked"
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite: a sum is finite exactly when they are, unless it overflows; only
+    then the exact (allocating) check runs."""
+    total = t.sum(dtype=torch.float64) if t.dtype != torch.float64 else t.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
+def _checked_state(path, state, notes: list | None = None,
+                   allow_non_finite: bool = False) -> "OrderedDict[str, torch.Tensor]":
+    from .blobs import short_repr
+
     if not isinstance(state, dict):
         raise InputError(f"{path}: its state_dict is a {type(state).__name__}, not a dict of named tensors")
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    cast: dict[str, int] = {}
     for k, v in state.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            from .blobs import short_repr
-
             raise InputError(f"{path}: state_dict entry {short_repr(k)} is a {type(v).__name__}"
                              + ("" if isinstance(k, str) else f" under a {type(k).__name__} key")
                              + ", not a named tensor")
-    return OrderedDict((k[7:] if k.startswith("module.") else k, v) for k, v in state.items())
+        name = short_repr(k)
+        if v.is_meta or v.layout != torch.strided:
+            raise InputError(f"{path}: tensor {name} is a {'meta' if v.is_meta else str(v.layout)} tensor "
+                             "without values; refused")
+        if k.endswith(_COUNTER):
+            out[k[7:] if k.startswith("module.") else k] = v
+            continue
+        if not v.is_floating_point():
+            raise InputError(f"{path}: tensor {name} is {str(v.dtype).replace('torch.', '')}, not a float; refused")
+        if not allow_non_finite and not _finite(v):
+            raise InputError(f"{path}: tensor {name} holds NaN or Inf; refused")
+        if v.dtype != torch.float32:
+            cast[str(v.dtype).replace("torch.", "")] = cast.get(str(v.dtype).replace("torch.", ""), 0) + 1
+            v = v.float()
+        out[k[7:] if k.startswith("module.") else k] = v
+    if cast and notes is not None:
+        notes.append(f"{path}: " + ", ".join(f"{n} {d}" for d, n in cast.items()) + " tensors cast to float32")
+    return out
 
 
 def _checked_meta(path, meta) -> dict:
@@ -173,8 +217,11 @@ def _sniff_not_a_checkpoint(path: Path) -> None:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
     if not head:
         raise InputError(f"{path}: the file is empty")
-    if head[:4] == b"PK\x03\x04" or head[:14] == b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19":
-        return                                         # torch.save: zip, or the legacy format
+    if head[:4] == b"PK\x03\x04":
+        _check_zip_records(path)                       # torch.save's zip format
+        return
+    if head[:14] == b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19":
+        return                                         # torch.save's legacy format
     if head[:1] == b"\x80" or head[:1] in b"(}]" and b"blobs" in head:
         raise InputError(f"{path}: this is a pickle (a VMZ Caffe2 .pkl?), not a converted checkpoint — "
                          "run `vmzconv convert` on it first")
@@ -186,15 +233,28 @@ def _sniff_not_a_checkpoint(path: Path) -> None:
         raise InputError(f"{path}: this is a text file, not a PyTorch checkpoint")
 
 
+def _check_zip_records(path: Path) -> None:
+    """torch.save stores its records uncompressed: declared sizes far beyond the file's own are a zip bomb,
+    refused from the central directory before a byte is unpacked."""
+    import zipfile
+
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(max(0, i.file_size) for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable PyTorch checkpoint (zip: {e})") from None
+    if total > 2 * size + (64 << 20):
+        raise InputError(f"{path}: its zip records would be {total:,} bytes uncompressed from a {size:,}-byte file "
+                         "(torch.save stores them uncompressed) — a zip bomb? refused")
+
+
 def load_meta(path: str | Path) -> dict:
     """Only the meta of a converted file (memory-mapped, tensors untouched)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         return _safetensors_meta(path)
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise InputError(f"{path}: not a readable PyTorch checkpoint: {str(e).splitlines()[0][:200]}") from None
+    obj = _torch_load(path, mmap=True)
     return _checked_meta(path, obj.get("meta")) if isinstance(obj, dict) else {}
 
 

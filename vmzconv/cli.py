@@ -502,12 +502,14 @@ def _describe_protocol(p: dict) -> str:
 @click.option("--expect-published", is_flag=True,
               help="Expect the published MMAction2 (else VMZ) accuracy of a known zoo checkpoint.")
 @click.option("--tolerance", type=float, default=0.5, show_default=True, help="Allowed gap, in percentage points.")
+@click.option("--force", is_flag=True, help="Replace an --out/--report file that is not a vmzconv verify output.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
               help="Videos left out of the inference-speed timing (per rank).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def verify(ckpt, ann, data_root, ann_format, allow_outside_root, arch, filename_tmpl, label_map, max_views, cache,
-           skip_bad, out_file, report_file, expect_top1, expect_top5, expect_published, tolerance, warmup, quiet, **kw):
+           skip_bad, out_file, report_file, expect_top1, expect_top5, expect_published, tolerance, force, warmup, quiet,
+           **kw):
     """Measure CKPT's accuracy on a video list the way its published numbers were measured: by default
     the protocol in CKPT's card (CSN: MMAction2's test, 10 clips x 3 crops of 32 frames (interval 2) at
     short side 256; R(2+1)D/R3D: VMZ's test, 10 clips x 1 centre crop of 112 from 171x128 frames),
@@ -523,7 +525,7 @@ def verify(ckpt, ann, data_root, ann_format, allow_outside_root, arch, filename_
                    protocol_overrides=protocol, filename_tmpl=filename_tmpl, label_map=label_map, cache=cache,
                    skip_bad=skip_bad, warmup=warmup, quiet=quiet, allow_outside_root=allow_outside_root,
                    out=out_file, report=report_file, expect_top1=expect_top1, expect_top5=expect_top5,
-                   expect_published=expect_published, tolerance=tolerance)
+                   expect_published=expect_published, tolerance=tolerance, force=force)
     outcome = run_verify(opts)
     if not outcome.report:          # a non-zero rank under torchrun: rank 0 reports
         return
@@ -700,14 +702,14 @@ def demo(out_dir, arch, seed):
     family, depth = parse_arch_name(arch)
     out_dir.mkdir(parents=True, exist_ok=True)
     pkl = write_vmz_pickle(out_dir / f"demo_{arch}.pkl", seeded_blobs(family, depth, 400, seed))
-    click.echo(f"wrote    {pkl} (VMZ format, {pkl.stat().st_size / 1e6:.1f} MB, seed {seed})")
+    click.echo(f"wrote    {safe(pkl)} (VMZ format, {pkl.stat().st_size / 1e6:.1f} MB, seed {seed})")
     stages = _Stages(False)
     try:
         res = convert_file(pkl, out_dir / f"demo_{arch}.pth", arch=arch, force=True, progress=stages)
     finally:
         stages.close()
     _print_result(res, False)
-    click.echo(f"next     vmzconv inspect {pkl}   |   vmzconv parity {pkl} {res.output}")
+    click.echo(safe(f"next     vmzconv inspect {pkl}   |   vmzconv parity {pkl} {res.output}"))
 
 
 if __name__ == "__main__":

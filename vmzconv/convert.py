@@ -306,7 +306,7 @@ def parity_of(src: str | Path, converted: str | Path, clip=None, tolerance: floa
 
     blobs = read_blobs(src)
     a = arch_mod.detect(blobs)
-    conv = load_converted(converted, a, **({"bn_eps": bn_eps} if bn_eps is not None else {}))
+    conv = load_converted(converted, a, allow_non_finite=True, **({"bn_eps": bn_eps} if bn_eps is not None else {}))
     head = None
     if not conv.target.has_head:
         table = mapping.load_table(mapping.builtin_table_path(a.family, conv.target.name))

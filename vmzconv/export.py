@@ -96,6 +96,8 @@ def _check_output(out: Path, force: bool, card: bool) -> Path:
     if not out.parent.is_dir():
         raise OutputError(f"{out}: folder {out.parent} does not exist")
     for p in (out, out.with_name(out.name + ".json")) if card else (out,):
+        if p.is_dir():
+            raise OutputError(f"{p}: is a folder; nothing was written")
         if p.exists() and not force:
             raise OutputError(f"{p}: already exists (use --force to overwrite)")
     return out

@@ -25,6 +25,7 @@ from . import __version__
 from .errors import InputError, OutputError, VmzconvError
 from .files import write_atomic
 from .run import Norm, RuntimeOptions, open_run
+from .text import safe
 from .video import annotations
 from .video.decode import DecodeError, open_video
 from .video.windows import CROPS, Shaper, SlidingPlan, Windows, cut
@@ -104,8 +105,14 @@ def _items(opts: Options) -> list:
     return annotations.read(opts.ann, opts.data_root, "auto", unlabelled_ok=True)     # labels are not used
 
 
+def _name(path: str) -> str:
+    """A video's output name: its file name without the extension (``..mp4`` gives ``__mp4``, not ``.``)."""
+    stem = Path(path).stem
+    return stem if stem.strip(".") else Path(path).name.replace(".", "_")
+
+
 def _names(items) -> list[str]:
-    names = [Path(it.path).stem for it in items]
+    names = [_name(it.path) for it in items]
     seen: dict[str, str] = {}
     for it, name in zip(items, names):
         if name in seen:
@@ -128,6 +135,13 @@ def run(opts: Options) -> Summary:
     from .files import check_writable
 
     check_writable(out_dir, str(out_dir))
+    planned = ["index.csv", "skipped.txt"] + (["features.h5"] if opts.fmt == "h5" else
+                                               [f"{n}{ext}" for n in names for ext in (".npy", ".json")])
+    parts = out_dir / PARTS
+    if opts.fmt == "h5" and (parts.is_symlink() or (parts.exists() and not parts.is_dir())):
+        raise OutputError(f"{parts}: vmzconv keeps its per-video parts in this folder, and here it is a file or a "
+                          "link; refused")
+    claim_outputs(out_dir, planned, opts.force)
     rt = replace(opts.runtime, max_views=opts.batch * (3 if opts.crop == "three" else 1))
     need = f"{opts.ckpt}: a backbone-only file has no classifier; use --layer pool" if opts.layer != "pool" else None
     with open_run(opts.ckpt, opts.arch, rt, "features" if opts.layer == "pool" else "logits",
@@ -147,7 +161,7 @@ def _run(opts: Options, r, items, names, out_dir: Path) -> Summary:
     record = {"vmzconv_version": __version__, "checkpoint_sha256": r.conv.sha256, "arch": r.conv.arch.name,
               "layer": opts.layer, "windows": wins.record(), "mean": r.mean, "std": r.std,
               "runtime": r.engine.runtime, "precision": r.engine.effective_precision}
-    parts = out_dir / (".vmzconv-parts" if opts.fmt == "h5" else "")
+    parts = out_dir / (PARTS if opts.fmt == "h5" else "")
     parts.mkdir(exist_ok=True)
     rank, world = r.rank, r.world
     mine = list(range(rank, len(items), world))
@@ -203,12 +217,49 @@ def _gather(chunks: list, layer: str):
     return rows.numpy().astype(np.float32), windows, fps
 
 
+OWNED = ".vmzconv-outputs"       # the names of the files features wrote in its --out-dir, one per line
+PARTS = ".vmzconv-parts"         # h5 mode: the per-video arrays before they go into features.h5
+
+
+def claim_outputs(out_dir: Path, names: list[str], force: bool) -> None:
+    """Refuse (unless ``force``) to replace a file in ``out_dir`` that features did not write; record
+    ``names`` as features' own before writing them."""
+    owned_file = out_dir / OWNED
+    owned: set[str] = set()
+    if owned_file.exists() or owned_file.is_symlink():
+        if not owned_file.is_file() or owned_file.is_symlink():
+            raise OutputError(f"{owned_file}: not vmzconv's list of its outputs (a folder or a link); refused")
+        try:
+            owned = set(owned_file.read_text(encoding="utf-8", errors="surrogateescape").splitlines())
+        except OSError as e:
+            raise OutputError(f"{owned_file}: cannot read: {e.strerror or e}") from None
+    foreign = [n for n in names if n not in owned and ((out_dir / n).exists() or (out_dir / n).is_symlink())]
+    if foreign and not force:
+        raise OutputError(f"{out_dir / foreign[0]}: exists and was not written by vmzconv features"
+                          + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
+                          + "; refused (--force replaces such files)")
+    for n in foreign:
+        if (out_dir / n).is_dir() and not (out_dir / n).is_symlink():
+            raise OutputError(f"{out_dir / n}: is a folder; features writes a file there")
+    text = "".join(f"{n}\n" for n in sorted(owned | set(names)))
+    write_atomic(owned_file, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
+
+
 def _fresh(parts: Path, name: str, record: dict) -> bool:
+    """Whether a video's outputs exist, match ``record`` and hold what the sidecar says: a truncated,
+    object-typed or non-finite array, or a sidecar with a bad fps or window list, is redone."""
     try:
         side = json.loads((parts / f"{name}.json").read_text())
-    except (OSError, ValueError):
+        rows = np.load(parts / f"{name}.npy", allow_pickle=False)
+    except (OSError, ValueError, EOFError, UnicodeDecodeError):
         return False
-    return side.get("record") == record and (parts / f"{name}.npy").is_file()
+    if not isinstance(side, dict) or side.get("record") != record:
+        return False
+    fps, windows, shape = side.get("fps"), side.get("windows"), side.get("shape")
+    return (isinstance(fps, (int, float)) and not isinstance(fps, bool) and 0 < fps < 1e6
+            and isinstance(windows, list) and all(isinstance(w, list) and len(w) == 2 for w in windows)
+            and rows.dtype == np.float32 and rows.ndim == 2 and list(rows.shape) == shape
+            and len(windows) == rows.shape[0] and bool(np.isfinite(rows).all()))
 
 
 def _write_video(parts: Path, name: str, rows: np.ndarray, windows: list, fps: float, record: dict) -> None:
@@ -239,9 +290,10 @@ def _finish(out_dir: Path, parts: Path, names, items, skipped: dict, record: dic
     writer.writerow(INDEX_HEADER)
     writer.writerows(rows)
     index = out_dir / "index.csv"
-    write_atomic(index, lambda f: f.write(text.getvalue().encode()))
+    # a file name that is not UTF-8 goes back to its own bytes, as the file system has it
+    write_atomic(index, lambda f: f.write(text.getvalue().encode("utf-8", "surrogateescape")))
     if skipped:
-        lines = "".join(f"{items[i].path!r}: {reason}\n" for i, reason in sorted(skipped.items()))
+        lines = "".join(safe(f"{items[i].path}: {reason}") + "\n" for i, reason in sorted(skipped.items()))
         write_atomic(out_dir / "skipped.txt", lambda f: f.write(lines.encode()))
     h5 = None
     if fmt == "h5":
@@ -257,6 +309,6 @@ def _write_h5(path: str, parts: Path, names: list, record: dict) -> None:
         h5.attrs["options"] = json.dumps(record, sort_keys=True)
         for name in names:
             side = json.loads((parts / f"{name}.json").read_text())
-            ds = h5.create_dataset(name, data=np.load(parts / f"{name}.npy"))
+            ds = h5.create_dataset(safe(name), data=np.load(parts / f"{name}.npy", allow_pickle=False))
             ds.attrs["fps"] = side["fps"]
             ds.attrs["windows"] = np.asarray(side["windows"], dtype=np.int64).reshape(-1, 2)

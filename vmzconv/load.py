@@ -9,14 +9,16 @@ from the keys and the arch must be given. Used by ``parity``, ``verify``, ``pred
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint
 from .arch import Arch, parse_arch_name
-from .errors import ArchError, InputError, MappingError
+from .blobs import short_repr
+from .errors import ArchError, InputError, MappingError, VmzconvError
 from .files import sha256_file
-from .targets import Target, get_target, recognise
+from .targets import TARGETS, Target, get_target, recognise
 
 
 @dataclass
@@ -27,12 +29,63 @@ class Converted:
     target: Target
     meta: dict = field(default_factory=dict)
     _sha256: str | None = None
+    notes: list = field(default_factory=list)     # what loading changed (e.g. float64 tensors cast)
 
     @property
     def sha256(self) -> str:
         if self._sha256 is None:
             self._sha256 = sha256_file(self.path)
         return self._sha256
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_card(path, meta: dict) -> None:
+    """Every meta field the run-time reads, checked for type, range, length and finiteness before use: a
+    checkpoint is input like any other (one line naming the file and the field)."""
+    from .video import protocol as P
+
+    def bad(field_name: str, why: str):
+        raise InputError(f"{path}: meta field {field_name!r} {why}")
+
+    for key in ("arch", "target", "family"):
+        if key in meta and not isinstance(meta[key], str):
+            bad(key, f"is a {type(meta[key]).__name__}, not a string")
+    if "target" in meta and meta["target"] not in TARGETS:
+        bad("target", f"names no known layout ({short_repr(meta['target'])})")
+    for key, top in (("num_classes", 1_000_000), ("conv1_temporal_kernel", 5), ("depth", 1000)):
+        if key in meta:
+            v = meta[key]
+            if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top):
+                bad(key, f"must be a whole number from 1 to {top}, not {short_repr(v)}")
+    if meta.get("zoo") is not None:
+        if not isinstance(meta["zoo"], dict):
+            bad("zoo", f"is a {type(meta['zoo']).__name__}, not a table")
+        acc = meta["zoo"].get("published_accuracy")
+        if acc is not None and not (isinstance(acc, dict) and all(_finite_number(v) for v in acc.values())):
+            bad("zoo.published_accuracy", "is not a table of numbers")
+    inp = meta.get("input")
+    if inp is None:
+        return
+    if not isinstance(inp, dict):
+        bad("input", f"is a {type(inp).__name__}, not a table")
+    for key in ("mean", "std"):
+        if key in inp:
+            v = inp[key]
+            if not (isinstance(v, list) and len(v) == 3 and all(_finite_number(x) for x in v)):
+                bad(f"input.{key}", f"must be three finite numbers (R, G, B), not {short_repr(v)}")
+            if key == "std" and min(v) <= 0:
+                bad("input.std", f"must be positive, not {v}")
+    fields = {k: inp[k] for k in ("clip_len", "frame_interval", "num_clips", "short_side", "crop_size", "num_crops",
+                                  "resize") if k in inp}
+    if "protocol" in inp:
+        fields["name"] = inp["protocol"]
+    try:
+        P.Protocol(**fields)
+    except VmzconvError as e:
+        raise InputError(f"{path}: meta field 'input': {e}") from None
 
 
 def _arch_from_meta(path, meta: dict) -> Arch:
@@ -59,14 +112,19 @@ def _arch_from_keys(path, state, target: Target, arch: Arch | str) -> Arch:
     return Arch(family, depth, classes or 1, kt)
 
 
-def load_converted(path: str | Path, arch: Arch | str | None = None, **faults) -> Converted:
+def load_converted(path: str | Path, arch: Arch | str | None = None, allow_non_finite: bool = False,
+                   **faults) -> Converted:
     """Open ``path`` and return its model filled strictly (``faults`` reach :func:`models.build_model`).
 
     ``arch`` is needed only for files without vmzconv's meta; an ``Arch`` object (e.g. detected from
-    the source pickle) is taken as it is. A file whose meta disagrees with ``arch`` is an error."""
+    the source pickle) is taken as it is. A file whose meta disagrees with ``arch`` is an error.
+    ``allow_non_finite``: read NaN/Inf weights (``parity`` shows where they diverge); every command that
+    runs a model refuses them."""
     from .models import build_model, fill
 
-    state, meta = checkpoint.load(path)
+    notes: list[str] = []
+    state, meta = checkpoint.load(path, notes, allow_non_finite)
+    check_card(path, meta)
     if meta.get("target"):
         target = get_target(meta["target"])
     else:
@@ -89,7 +147,7 @@ def load_converted(path: str | Path, arch: Arch | str | None = None, **faults) -
     except RuntimeError:
         raise MappingError(f"{path}: does not load strictly as {a.name} ({target.name}): "
                            + describe_mismatch(model.state_dict(), state)) from None
-    return Converted(str(path), model.eval(), a, target, dict(meta))
+    return Converted(str(path), model.eval(), a, target, dict(meta), notes=notes)
 
 
 def describe_mismatch(expected, state, show: int = 3) -> str:

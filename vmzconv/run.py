@@ -171,7 +171,7 @@ def open_run(ckpt: str | Path, arch: str | None, rt: RuntimeOptions, output: str
             raise InputError(needs_head or f"{ckpt}: a backbone-only ({conv.target.name}) file has no classifier")
         protocol = Protocol.from_card(conv.meta.get("input"), **(protocol_overrides or {}))
         mean, std = (norm or Norm()).resolve(conv.meta)
-        notes: list[str] = []
+        notes: list[str] = list(conv.notes)
         engine = make_engine(conv, rt, device, output, notes)
         for note in notes:
             if rank == 0 and not quiet:

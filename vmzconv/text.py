@@ -22,7 +22,9 @@ def safe(text) -> str:
 
 
 def render_table(rows: list[list[str]], right: tuple[int, ...] = ()) -> str:
-    """Columns padded to their widest cell; column indices in ``right`` are right-aligned."""
+    """Columns padded to their widest cell; column indices in ``right`` are right-aligned. Every cell is
+    escaped here (:func:`safe`), so no caller can forget: attacker text never reaches the terminal raw."""
+    rows = [[safe(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) if i in right else c.ljust(w)
                                for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckError, InputError, VmzconvError
+from ..errors import CheckError, InputError, OutputError, VmzconvError
 from ..files import check_writable, write_atomic
 from ..run import Norm, Run, RuntimeOptions, open_run
 from ..video import annotations
@@ -50,6 +50,7 @@ class Options:
     expect_top5: float | None = None
     expect_published: bool = False
     tolerance: float = 0.5               # percentage points
+    force: bool = False                  # replace an --out/--report file vmzconv did not write
 
 
 @dataclass
@@ -68,38 +69,93 @@ class Outcome:
 
 
 class Cache:
-    """Per-video probabilities keyed by checkpoint, protocol, normalisation, precision and data."""
+    """Per-video probabilities. The folder is keyed by checkpoint, protocol, normalisation, runtime,
+    precision, the annotation list's *content* and the data root; each entry by its line and the video's
+    identity (name, size, modification time, inode), so an edited list or a replaced video is recomputed,
+    never served another video's probabilities. A reused entry must be whole: float64, one finite
+    probability per class, summing to 1."""
 
     def __init__(self, opts: Options, run: Run):
         self.dir: Path | None = None
         self.corrupt = 0
+        self.classes = run.conv.arch.num_classes
         if opts.cache:
             key = json.dumps({"ckpt": run.conv.sha256, "protocol": run.protocol.to_dict(), "mean": run.mean,
-                              "std": run.std, "precision": opts.runtime.precision, "ann": os.path.abspath(opts.ann),
-                              "data_root": os.path.abspath(opts.data_root)}, sort_keys=True)
+                              "std": run.std, "runtime": run.engine.runtime,
+                              "precision": run.engine.effective_precision,
+                              "ann_sha256": hashlib.sha256(Path(opts.ann).read_bytes()).hexdigest(),
+                              "data_root": os.path.realpath(opts.data_root)}, sort_keys=True)
             self.dir = Path(opts.cache) / hashlib.sha256(key.encode()).hexdigest()[:16]
-            self.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"{self.dir}: cannot create the --cache folder: {e.strerror or e}") from None
 
-    def get(self, index: int) -> np.ndarray | None:
+    def _file(self, it) -> Path | None:
+        if self.dir is None:
+            return None
+        try:
+            st = os.stat(it.path)
+            ident = f"{it.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+        except OSError:
+            ident = f"{it.name}\0missing"
+        return self.dir / f"{it.index}-{hashlib.sha256(ident.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}.npy"
+
+    def get(self, it) -> np.ndarray | None:
         """A cached entry; an unreadable or malformed one counts as missing (recomputed, and counted)."""
-        f = self.dir / f"{index}.npy" if self.dir else None
+        f = self._file(it)
         if f is None or not f.is_file():
             return None
         try:
             arr = np.load(f, allow_pickle=False)
         except (OSError, ValueError, EOFError):
             arr = None
-        if arr is None or arr.dtype != np.float64 or arr.ndim != 1 or not np.isfinite(arr).all():
+        if (arr is None or arr.dtype != np.float64 or arr.shape != (self.classes,) or not np.isfinite(arr).all()
+                or abs(float(arr.sum()) - 1.0) > 1e-3):
             self.corrupt += 1
             return None
         return arr
 
-    def put(self, index: int, arr: np.ndarray) -> None:
-        if self.dir is not None:
-            write_atomic(self.dir / f"{index}.npy", lambda f: np.save(f, arr))
+    def put(self, it, arr: np.ndarray) -> None:
+        f = self._file(it)
+        if f is not None:
+            write_atomic(f, lambda fh: np.save(fh, arr))
 
 
 # -- the run --------------------------------------------------------------------------------------
+
+
+def _ours(path: Path, flag: str) -> bool:
+    """Whether ``path`` holds what verify writes for ``flag`` (so a rerun may replace it)."""
+    try:
+        if path.stat().st_size > 1 << 30:
+            return False
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    if flag == "--out":
+        return isinstance(obj, list) and all(v is None or isinstance(v, list) for v in obj)
+    return isinstance(obj, dict) and {"checkpoint", "metrics", "protocol"} <= set(obj)
+
+
+def check_outputs(opts: Options, items) -> None:
+    """--out and --report: never one of the run's inputs, never a file vmzconv did not write (unless
+    --force), and in a folder that takes a new file."""
+    inputs = {os.path.realpath(p) for p in (opts.ckpt, opts.ann, opts.label_map) if p}
+    inputs |= {os.path.realpath(it.path) for it in items}
+    for flag, path in (("--out", opts.out), ("--report", opts.report)):
+        if not path:
+            continue
+        path = Path(path)
+        if os.path.realpath(path) in inputs:
+            raise OutputError(f"{path}: {flag} is one of this run's inputs; refused")
+        if path.is_dir():
+            raise OutputError(f"{path}: {flag} is a folder")
+        if path.exists() and not opts.force and not _ours(path, flag):
+            raise OutputError(f"{path}: exists and is not a vmzconv verify {flag} file; refused (--force replaces it)")
+        check_writable(path.resolve().parent, str(path))
+    if opts.out and opts.report and os.path.realpath(opts.out) == os.path.realpath(opts.report):
+        raise OutputError(f"{opts.out}: --out and --report name the same file")
 
 
 def check_items(items, classes: int, skip_bad: bool, ann) -> None:
@@ -118,13 +174,11 @@ def check_items(items, classes: int, skip_bad: bool, ann) -> None:
 def run(opts: Options) -> Outcome:
     """Verify ``opts.ckpt``: check everything checkable first, run, write ``--out``/``--report``, and
     compare with the expectations (the caller raises on :attr:`Outcome.failed`)."""
-    for path in (opts.out, opts.report):                   # fail before the (long) run, not after
-        if path:
-            check_writable(Path(path).resolve().parent, str(path))
-    if opts.expect_published and opts.expect_top1 is None:
-        opts.expect_top1, opts.expect_top5 = published_expectation(opts.ckpt)
     t_start = time.perf_counter()
     items = annotations.read(opts.ann, opts.data_root, opts.ann_format, allow_outside_root=opts.allow_outside_root)
+    check_outputs(opts, items)                              # fail before the (long) run, not after
+    if opts.expect_published and opts.expect_top1 is None:
+        opts.expect_top1, opts.expect_top5 = published_expectation(opts.ckpt)
     names = annotations.label_names(opts.label_map)
     need = f"{opts.ckpt}: a backbone-only file has no classifier to verify"
     with open_run(opts.ckpt, opts.arch, opts.runtime, "logits", opts.protocol_overrides, opts.norm, need,
@@ -154,7 +208,7 @@ def _evaluate(opts: Options, r: Run, items) -> dict:
     mine = items[r.rank::r.world]
     probs: dict[int, np.ndarray] = {}
     for it in mine:
-        hit = cache.get(it.index)
+        hit = cache.get(it)
         if hit is not None:
             probs[it.index] = hit
     todo = [it for it in mine if it.index not in probs]
@@ -184,7 +238,7 @@ def _evaluate(opts: Options, r: Run, items) -> dict:
                 infer_n += 1
             arr = torch.softmax(out.value, dim=1).mean(dim=0).numpy().astype(np.float64)
             probs[index] = arr
-            cache.put(index, arr)
+            cache.put(out.item, arr)
             hits += int(np.argmax(arr) == labels[index])
             bar.set_postfix_str(f"top-1 {100.0 * hits / max(1, len(probs)):.1f}%")
     finally:
@@ -241,7 +295,11 @@ def published_expectation(ckpt: str | Path) -> tuple[float, float | None]:
     """Top-1/top-5 (%) published for a known zoo checkpoint: MMAction2's re-measurement, else VMZ's."""
     from ..checkpoint import load_meta
 
-    acc = ((load_meta(ckpt).get("zoo") or {}).get("published_accuracy")) or {}
+    from ..load import check_card
+
+    meta = load_meta(ckpt)
+    check_card(ckpt, meta)
+    acc = ((meta.get("zoo") or {}).get("published_accuracy")) or {}
     who = "mmaction2" if "mmaction2_top1" in acc else "vmz"
     if f"{who}_top1" not in acc:
         raise VmzconvError(f"{ckpt}: no published accuracy in its meta (not a known VMZ zoo file)")

@@ -7,8 +7,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..blobs import short_repr
 from ..errors import InputError
 
+MAX_FRAMES = 10_000_000           # a rawframe folder's frame count (over 4 days at 25 fps)
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ogv")
 
 
@@ -54,8 +56,10 @@ def read(ann: str | Path, data_root: str | Path, fmt: str = "auto", unlabelled_o
     for lineno, line in enumerate(lines, start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        fields = _split(line)
         where = f"{ann}:{lineno}"
+        if "\x00" in line:
+            raise InputError(f"{where}: a NUL byte in the line — not a path; refused")
+        fields = _split(line)
         kind = fmt
         if fmt == "auto":
             kind = "videos" if len(fields) == 2 else "rawframes" if len(fields) == 3 else "?"
@@ -69,6 +73,8 @@ def read(ann: str | Path, data_root: str | Path, fmt: str = "auto", unlabelled_o
                 continue
             if kind in ("rawframes", "kinetics") and len(fields) == 3:
                 name, total, label = fields[0], int(fields[1]), int(fields[2])
+                if not 1 <= total <= MAX_FRAMES:
+                    raise InputError(f"{where}: total_frames {fields[1][:24]} is not a frame count (1 to {MAX_FRAMES:,})")
                 folder = root / name
                 if folder.is_dir():
                     items.append(Item(len(items), name, label, str(folder), "rawframes", total))
@@ -82,7 +88,7 @@ def read(ann: str | Path, data_root: str | Path, fmt: str = "auto", unlabelled_o
                 continue
         except ValueError:
             pass
-        raise InputError(f"{where}: cannot parse {line.strip()!r} as a {fmt if fmt != 'auto' else 'video or rawframe'} "
+        raise InputError(f"{where}: cannot parse {short_repr(line.strip())} as a {fmt if fmt != 'auto' else 'video or rawframe'} "
                          "list line (path label | frame_dir total_frames label | video_id, num_frames, label)")
     if not items:
         raise InputError(f"{ann}: no annotations")

@@ -26,6 +26,17 @@ import numpy as np
 
 from ..errors import VmzconvError
 
+# Upper bounds on what a protocol (from the command line or a checkpoint's card) may ask for: far above any
+# published protocol (32 frames, 10 clips x 3 crops of 256), far below what exhausts a machine.
+LIMITS = {"clip_len": 1024, "frame_interval": 256, "num_clips": 1000, "short_side": 4096, "crop_size": 4096}
+MAX_RESIZE_SIDE = 8192
+MAX_RESIZED_PIXELS = 4096 * 4096                 # one frame after resizing
+MAX_VIEW_BYTES = 2 << 30                         # one video's uint8 views, all clips and crops
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -40,20 +51,27 @@ class Protocol:
 
     def __post_init__(self):
         if self.name not in ("mmaction2", "vmz"):
-            raise VmzconvError(f"unknown protocol {self.name!r} (mmaction2 or vmz)")
-        for field in ("clip_len", "frame_interval", "num_clips", "short_side", "crop_size"):
-            if getattr(self, field) < 1:
-                raise VmzconvError(f"--{field.replace('_', '-')} must be at least 1")
-        if self.num_crops not in (1, 3):
-            raise VmzconvError("--num-crops must be 1 (centre) or 3")
+            raise VmzconvError(f"unknown protocol {str(self.name)[:40]!r} (mmaction2 or vmz)")
+        for field, top in LIMITS.items():
+            v = getattr(self, field)
+            if not _is_int(v) or not 1 <= v <= top:
+                raise VmzconvError(f"{field} must be a whole number from 1 to {top}, not {str(v)[:40]!r}")
+        if not _is_int(self.num_crops) or self.num_crops not in (1, 3):
+            raise VmzconvError(f"num_crops must be 1 (centre) or 3, not {str(self.num_crops)[:40]!r}")
         if self.resize is not None:
-            if len(self.resize) != 2 or min(self.resize) < 1:
-                raise VmzconvError(f"--resize takes WxH, not {self.resize!r}")
+            if (not isinstance(self.resize, (list, tuple)) or len(self.resize) != 2
+                    or not all(_is_int(v) and 1 <= v <= MAX_RESIZE_SIDE for v in self.resize)):
+                raise VmzconvError(f"resize takes WxH, each 1 to {MAX_RESIZE_SIDE}, not {str(self.resize)[:40]!r}")
             object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
             if self.crop_size > min(self.resize):
                 raise VmzconvError(f"--crop-size {self.crop_size} is larger than --resize {self.resize[0]}x{self.resize[1]}")
         elif self.crop_size > self.short_side:
             raise VmzconvError(f"--crop-size {self.crop_size} is larger than --short-side {self.short_side}")
+        size = self.views * self.clip_len * self.crop_size ** 2 * 3
+        if size > MAX_VIEW_BYTES:
+            raise VmzconvError(f"num_clips {self.num_clips} x num_crops {self.num_crops} x clip_len {self.clip_len} x "
+                               f"crop_size {self.crop_size}^2 is {size / 2**30:.1f} GiB of views per video "
+                               f"(at most {MAX_VIEW_BYTES / 2**30:.0f} GiB)")
 
     @classmethod
     def from_card(cls, recorded: dict | None, **overrides) -> "Protocol":
@@ -106,6 +124,9 @@ def resize(frame: np.ndarray, p: Protocol) -> np.ndarray:
     """To ``p.resize`` (W, H) when set, else short side ``p.short_side`` keeping the aspect ratio."""
     h, w = frame.shape[:2]
     new_w, new_h = p.resize if p.resize else resized_size(w, h, p.short_side)
+    if new_w * new_h > MAX_RESIZED_PIXELS:
+        raise VmzconvError(f"a {w}x{h} frame resized to {new_w}x{new_h} is larger than vmzconv resizes to "
+                           f"({MAX_RESIZED_PIXELS:,} pixels)")
     if (new_w, new_h) == (w, h):
         return frame
     return cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_LINEAR)

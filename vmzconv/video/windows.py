@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..errors import VmzconvError
 from . import protocol as P
 from .decode import DecodeError, Source
 
@@ -32,7 +33,10 @@ class Shaper:
         self.boxes: list = []
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        frame = P.resize(rgb, self.p)
+        try:
+            frame = P.resize(rgb, self.p)
+        except VmzconvError as e:
+            raise DecodeError(f"{self.path}: {e}") from None
         if self.size is None:
             self.size = frame.shape
             if self.crop != "none":
