@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import InputError, VmzconvError
@@ -23,6 +23,10 @@ from .zoo import NORMS
 # A runtime is an engine in runtimes.py (torch's in inference.py) plus its name here; "auto" picks one.
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "fp16", "bf16")
+# Views per forward pass by device. On the CPU batching buys no speed and each 32x256x256 view costs
+# ~0.45 GiB more (ir-CSN-50 predict, 30 views: 1 view 997 MiB and 34.9 s, 30 views 13.7 GiB and 54.2 s;
+# benchmarks/memory.py); on a GPU the 30 views of one video go in one pass.
+DEFAULT_MAX_VIEWS = {"cpu": 1, "cuda": 30}
 
 
 @dataclass
@@ -32,7 +36,7 @@ class RuntimeOptions:
 
     device: str | None = None            # cpu, cuda, cuda:N; default: cuda when available
     precision: str = "fp32"              # fp32 | fp16 | bf16
-    max_views: int = 30                  # views per forward pass
+    max_views: int | None = None         # views per forward pass; default: DEFAULT_MAX_VIEWS by device
     workers: int | None = None           # decoding processes; default min(4, cores - 1)
     threads: int | None = None           # CPU threads per process; default cores / processes
     runtime: str = "auto"                # auto | torch | onnxruntime | openvino
@@ -165,6 +169,8 @@ def open_run(ckpt: str | Path, arch: str | None, rt: RuntimeOptions, output: str
     rank, world = dist_info()
     try:
         device = _setup_device(rt.device, world)
+        if rt.max_views is None:
+            rt = replace(rt, max_views=DEFAULT_MAX_VIEWS[device.type])
         torch.set_num_threads(rt.threads or max(1, (os.cpu_count() or 1) // world))
         conv = load_converted(ckpt, arch)
         if (needs_head or output == "logits") and not conv.target.has_head:
