@@ -208,3 +208,4 @@ def test_torchrun_two_ranks_equal_one_process_bit_for_bit(data, tmp_path):
     for n in lengths:
         assert (tmp_path / "one" / f"{n}.npy").read_bytes() == (tmp_path / "two" / f"{n}.npy").read_bytes()
     assert (tmp_path / "one" / "index.csv").read_text() == (tmp_path / "two" / "index.csv").read_text()
+    assert f"videos   {len(lengths)} of {len(lengths)} with features" in proc.stdout     # every rank's, not rank 0's

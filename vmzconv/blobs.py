@@ -300,6 +300,9 @@ def _sniff_wrong_file(data: bytes, source: str, f) -> None:
         raise InputError(f"{source}: this is a legacy PyTorch checkpoint (torch.save), not a Caffe2 pickle")
     if data[:2] == b"\x1f\x8b":
         raise InputError(f"{source}: this is a gzip file, not a pickle — decompress it first (gunzip)")
+    if len(data) > 9 and data[8:10] in (b'{"', b"{ ") and int.from_bytes(data[:8], "little") < (1 << 27):
+        raise InputError(f"{source}: this is a safetensors file (a converted checkpoint?), not a Caffe2 pickle — "
+                         "`vmzconv parity`/`verify` read it")
     if data[:6] == b"\x93NUMPY":
         raise InputError(f"{source}: this is a numpy .npy file, not a Caffe2 pickle")
     if data[:1] not in b"\x80(}]cKJI" and _looks_like_text(data[:512]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, OutputError
-from .files import check_writable, sha256_file, write_atomic
+from .files import _umask, check_writable, sha256_file, write_atomic
 
 SUFFIXES = (".pth", ".safetensors")
 META_KEY = "vmzconv_meta"
@@ -58,6 +59,7 @@ def _write_safetensors(f, state_dict, meta: dict) -> str:
     from safetensors.torch import save_file
 
     save_file(dict(state_dict), f.name, metadata={"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
+    os.chmod(f.name, 0o666 & ~_umask())          # save_file made its own file (0600); outputs get the usual mode
     return sha256_file(f.name)
 
 
@@ -160,7 +162,7 @@ def _torch_load(path: Path, mmap: bool = False):
 _COUNTER = "num_batches_tracked"
 
 
-def _finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """Whether every element is finite: a sum is finite exactly when they are, unless it overflows; only
     then the exact (allocating) check runs."""
     total = t.sum(dtype=torch.float64) if t.dtype != torch.float64 else t.sum()
@@ -189,7 +191,7 @@ def _checked_state(path, state, notes: list | None = None,
             continue
         if not v.is_floating_point():
             raise InputError(f"{path}: tensor {name} is {str(v.dtype).replace('torch.', '')}, not a float; refused")
-        if not allow_non_finite and not _finite(v):
+        if not allow_non_finite and not all_finite(v):
             raise InputError(f"{path}: tensor {name} holds NaN or Inf; refused")
         if v.dtype != torch.float32:
             cast[str(v.dtype).replace("torch.", "")] = cast.get(str(v.dtype).replace("torch.", ""), 0) + 1

@@ -104,8 +104,8 @@ def check_consumer(target: str, a: arch_mod.Arch, state_dict, blobs: Blobs, clip
     load ``state_dict`` strictly, and compare its logits with the reference on the parity clip."""
     code = recipe(target, a)
     if not code or code.startswith("#"):
-        raise CheckError(f"--check-consumer: no library recipe to run for {a.name} in the {target} layout "
-                         "(MMAction2: run the config --print-config prints)")
+        raise VmzconvError(f"--check-consumer: no library recipe to run for {a.name} in the {target} layout "
+                           "(MMAction2: run the config --print-config prints); nothing was checked or written")
     import torch
 
     namespace: dict = {}
@@ -184,10 +184,8 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
     target, notes = choose_target(a, target, keep_head)
     step("map")
     model, table, mapped = map_blobs(blobs, a, target, mapping_path)
-    if not allow_non_finite:
-        import torch
-
-        bad = [k for k, v in mapped.state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not allow_non_finite:        # a sum per tensor: torch.isfinite allocated a full boolean copy of each
+        bad = [k for k, v in mapped.state_dict.items() if v.is_floating_point() and not checkpoint.all_finite(v)]
         if bad:
             raise InputError(f"{src}: {len(bad)} weight tensors hold NaN or Inf (first: {bad[0]}) — refused; "
                              "--allow-non-finite writes them anyway (parity then fails)")
@@ -236,8 +234,10 @@ def mmaction2_config(res: Result) -> str:
     path = str(Path(res.output).resolve())
     norm = meta["input"]
     if res.target not in ("mmaction2", "mmaction2-backbone"):
-        return (f"# {res.target}: build the model, then load the file strictly\n{recipe(res.target, a)}\n"
-                f"model.load_state_dict(torch.load('{path}', weights_only=True)['state_dict'], strict=True)\n"
+        load = (f"from safetensors.torch import load_file\nmodel.load_state_dict(load_file({path!r}), strict=True)"
+                if path.endswith(".safetensors") else
+                f"import torch\nmodel.load_state_dict(torch.load({path!r}, weights_only=True)['state_dict'], strict=True)")
+        return (f"# {res.target}: build the model, then load the file strictly\n{recipe(res.target, a)}\n{load}\n"
                 f"# input: RGB, NCTHW, 0-255, mean {norm['mean']}, std {norm['std']}")
     zoo_info = meta.get("zoo")
     lines = [f"# MMAction2 1.x config for {Path(path).name} ({a.name}, {a.num_classes} classes); save it as a "

@@ -128,36 +128,40 @@ def run(opts: Options) -> Summary:
     out_dir = Path(opts.out_dir)
     items = _items(opts)
     names = _names(items)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"{out_dir}: cannot create the output folder: {e.strerror or e}") from None
-    from .files import check_writable
-
-    check_writable(out_dir, str(out_dir))
     planned = ["index.csv", "skipped.txt"] + (["features.h5"] if opts.fmt == "h5" else
                                                [f"{n}{ext}" for n in names for ext in (".npy", ".json")])
-    parts = out_dir / PARTS
-    if opts.fmt == "h5" and (parts.is_symlink() or (parts.exists() and not parts.is_dir())):
-        raise OutputError(f"{parts}: vmzconv keeps its per-video parts in this folder, and here it is a file or a "
-                          "link; refused")
-    claim_outputs(out_dir, planned, opts.force)
     rt = replace(opts.runtime, max_views=opts.batch * (3 if opts.crop == "three" else 1))
     need = f"{opts.ckpt}: a backbone-only file has no classifier; use --layer pool" if opts.layer != "pool" else None
     with open_run(opts.ckpt, opts.arch, rt, "features" if opts.layer == "pool" else "logits",
                   opts.protocol_overrides, opts.norm, need, opts.quiet) as r:
-        return _run(opts, r, items, names, out_dir)
+        # Everything checkable is checked (the checkpoint too) before the output folder is made.
+        wins = _windows(opts, r.protocol)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{out_dir}: cannot create the output folder: {e.strerror or e}") from None
+        from .files import check_writable
+
+        check_writable(out_dir, str(out_dir))
+        parts = out_dir / PARTS
+        if opts.fmt == "h5" and (parts.is_symlink() or (parts.exists() and not parts.is_dir())):
+            raise OutputError(f"{parts}: vmzconv keeps its per-video parts in this folder, and here it is a file or "
+                              "a link; refused")
+        claim_outputs(out_dir, planned, opts.force)
+        return _run(opts, r, items, names, out_dir, wins)
 
 
-def _run(opts: Options, r, items, names, out_dir: Path) -> Summary:
-    protocol = r.protocol
+def _windows(opts: Options, protocol) -> Windows:
     stride = opts.stride or protocol.clip_len * protocol.frame_interval
     if stride < 1:
         raise VmzconvError("--stride must be at least 1")
-    wins = Windows(protocol.clip_len, protocol.frame_interval, stride, opts.crop, opts.fps, protocol)
     if opts.crop == "three" and protocol.resize and min(protocol.resize) != protocol.crop_size:
         raise VmzconvError(f"--crop three needs the short side equal to --crop-size ({protocol.crop_size}); "
                            f"the frames are resized to {protocol.resize[0]}x{protocol.resize[1]}")
+    return Windows(protocol.clip_len, protocol.frame_interval, stride, opts.crop, opts.fps, protocol)
+
+
+def _run(opts: Options, r, items, names, out_dir: Path, wins: Windows) -> Summary:
     record = {"vmzconv_version": __version__, "checkpoint_sha256": r.conv.sha256, "arch": r.conv.arch.name,
               "layer": opts.layer, "windows": wins.record(), "mean": r.mean, "std": r.std,
               "runtime": r.engine.runtime, "precision": r.engine.effective_precision}
@@ -193,12 +197,13 @@ def _run(opts: Options, r, items, names, out_dir: Path) -> Summary:
         bar.close()
     r.barrier()
     index = h5 = None
-    if rank == 0:
-        index, h5, total, dim = _finish(out_dir, parts, names, items, skipped, record, opts.fmt, world)
+    done = len(mine) - len(skipped)
+    if rank == 0:                   # every rank's videos: counted from what is on disk, not from this rank
+        index, h5, total, dim, done = _finish(out_dir, parts, names, items, skipped, record, opts.fmt, world)
     else:
         total, dim = 0, None
     r.barrier()
-    return Summary(str(out_dir), len(items), len(mine) - len(skipped), {items[i].path: why for i, why in skipped.items()},
+    return Summary(str(out_dir), len(items), done, {items[i].path: why for i, why in skipped.items()},
                    total, dim, index, h5)
 
 
@@ -299,7 +304,7 @@ def _finish(out_dir: Path, parts: Path, names, items, skipped: dict, record: dic
     if fmt == "h5":
         h5 = out_dir / "features.h5"
         write_atomic(h5, lambda f: _write_h5(f.name, parts, done, record))
-    return str(index), (str(h5) if h5 else None), total, dim
+    return str(index), (str(h5) if h5 else None), total, dim, len(done)
 
 
 def _write_h5(path: str, parts: Path, names: list, record: dict) -> None:

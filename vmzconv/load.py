@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint
-from .arch import Arch, parse_arch_name
+from .arch import FAMILIES, Arch, parse_arch_name
 from .blobs import short_repr
 from .errors import ArchError, InputError, MappingError, VmzconvError
 from .files import sha256_file
@@ -101,7 +101,8 @@ def _arch_from_keys(path, state, target: Target, arch: Arch | str) -> Arch:
     if isinstance(arch, Arch):
         return arch
     family, depth = parse_arch_name(arch)
-    stem = state.get(target.stem_key)
+    two_step = FAMILIES[family].stem == "2plus1d" and target.stem_temporal_key
+    stem = state.get(target.stem_temporal_key if two_step else target.stem_key)
     kt = int(stem.shape[2]) if stem is not None and stem.ndim == 5 else 3
     classes = 0
     if target.head_keys:

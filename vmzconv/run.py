@@ -11,6 +11,7 @@ Nothing here knows about metrics, caches, windows or reports.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -57,7 +58,10 @@ class Norm:
         else:
             inp = meta.get("input") or {}
             mean, std = inp.get("mean", NORMS["vmz"]["mean"]), inp.get("std", NORMS["vmz"]["std"])
-        return list(self.mean or mean), list(self.std or std)
+        mean, std = list(self.mean or mean), list(self.std or std)
+        if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+            raise VmzconvError(f"mean {mean} / std {std}: every value must be finite and every std positive")
+        return mean, std
 
 
 # -- torchrun ------------------------------------------------------------------------------------------

@@ -30,10 +30,11 @@ class Target:
     layout: str                           # builder name in models.layouts
     has_head: bool
     head_keys: tuple[str, str] | None     # (weight, bias) of the classifier
-    stem_key: str                         # the first conv's weight (its shape gives conv1's temporal kernel)
+    stem_key: str                         # the stem conv's weight (its shape gives conv1's temporal kernel)
     recognise: Callable[[set], bool]
     refusals: dict                        # family -> why this layout cannot hold it
     summary: str
+    stem_temporal_key: str | None = None  # a (2+1)-D stem's temporal conv, whose kernel is conv1's (not stem_key's 1)
 
     def check(self, family: str, arch_name: str) -> None:
         if family in self.refusals:
@@ -51,7 +52,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "the MMAction2 backbone alone (backbone.pretrained=)"),
     Target("torchvision", "torchvision", True, ("fc.weight", "fc.bias"), "stem.0.weight",
            lambda k: "stem.0.weight" in k and "fc.weight" in k, {},
-           "torchvision VideoResNet module names (VMZ's PyTorch hub, ig65m-pytorch)"),
+           "torchvision VideoResNet module names (VMZ's PyTorch hub, ig65m-pytorch)", stem_temporal_key="stem.3.weight"),
     Target("pytorchvideo", "pytorchvideo", True, ("blocks.5.proj.weight", "blocks.5.proj.bias"),
            "blocks.0.conv.weight", lambda k: "blocks.0.conv.weight" in k,
            {"ipcsn": "pytorchvideo's create_csn has no interaction-preserved block: its conv_b is a single "
