@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import run_measured, write_pickles  # noqa: E402

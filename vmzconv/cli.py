@@ -205,10 +205,10 @@ def convert(src, out, arch, target, keep_head, publish, date, card, print_config
         stages.close()
     _print_result(res, as_json)
     if print_config and not as_json:
-        from .convert import mmaction2_config
+        from .configs import test_config
 
         click.echo()
-        click.echo(mmaction2_config(res))
+        click.echo(test_config(res.output))
 
 
 @main.command()
@@ -293,6 +293,36 @@ def parity(src, converted, parity_clip, tolerance, trace, trace_tolerance, bn_ep
         click.echo(f"{safe(converted)} ({a.name}, {target}) vs {safe(src)}")
         click.echo(f"parity   {result.summary()}")
     parity_mod.require(result, str(converted))
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--test", "mode", flag_value="test", default=True,
+              help="The published test protocol (default): MMAction2 1.x config for an MMAction2 file, the lines "
+                   "that build and load the model for the other layouts.")
+@click.option("--finetune", "mode", flag_value="finetune",
+              help="A training config: the converted backbone (an mmaction2-backbone file; BN frozen, eps 1e-3) "
+                   "with a new --num-classes head and MMAction2's recipe for VMZ-pretrained CSNs; for layouts "
+                   "MMAction2 cannot hold (R(2+1)D), runnable plain-PyTorch lines instead.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Classes of the new head (--finetune).")
+@click.option("--ann-train", help="Training list ('path label' per line) to put in the config.")
+@click.option("--ann-val", help="Validation list to put in the config.")
+@click.option("--data-root", help="Folder the lists' paths are under.")
+@_fail_cleanly
+def config(ckpt, mode, num_classes, ann_train, ann_val, data_root):
+    """Print, on stdout only, what to use CKPT (a file vmzconv converted) with next: a complete MMAction2 1.x
+    config (--test, the default; or --finetune --num-classes K), or Python lines for the other layouts.
+    Every MMAction2 config it prints is built and initialised by MMAction2 itself in the tests."""
+    from .configs import finetune_config, test_config
+
+    if mode == "finetune":
+        if num_classes is None:
+            raise VmzconvError("--finetune needs --num-classes K (the classes of your dataset)")
+        click.echo(finetune_config(ckpt, num_classes, ann_train, ann_val, data_root))
+    else:
+        if num_classes or ann_train or ann_val or data_root:
+            raise VmzconvError("--num-classes, --ann-train, --ann-val and --data-root go with --finetune")
+        click.echo(test_config(ckpt))
 
 
 @main.command()
