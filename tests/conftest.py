@@ -160,6 +160,10 @@ class Ran:
     def __init__(self, returncode: int, stdout: str, stderr: str):
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
+    @property
+    def exit_code(self) -> int:            # click's name, so assert_one_line_error takes either
+        return self.returncode
+
 
 def run_cli(*args) -> Ran:
     """`vmzconv ARGS` in this process (no new interpreter and `import torch` per call); torch's thread

@@ -46,12 +46,16 @@ def index_rows(out):
         return list(csv.DictReader(f))
 
 
-def expected_windows(n, clip_len=8, interval=1, stride=None):
+def expected_windows(n, clip_len=8, interval=1, stride=None, tail="pad"):
     span = (clip_len - 1) * interval + 1
     stride = stride or clip_len * interval
     if n < span:
         return [(0, n - 1)]
-    return [(s, s + span - 1) for s in range(0, n - span + 1, stride)]
+    out = [(s, s + span - 1) for s in range(0, n - span + 1, stride)]
+    nxt = out[-1][0] + stride                   # the tail: frames after the last whole window
+    if out[-1][1] < n - 1 and nxt <= n - 1 and tail != "drop":
+        out.append((nxt, n - 1) if tail == "pad" else (n - span, n - 1))
+    return out
 
 
 @pytest.mark.parametrize("args,interval,stride,fps", [((), 1, None, 25.0),
@@ -62,7 +66,8 @@ def test_rows_and_timestamps_follow_the_window_rule(data, tmp_path, args, interv
     proc = features(ckpt, tmp_path / "out", *(d / f"{n}.mp4" for n in lengths), *args)
     assert proc.returncode == 0, proc.stderr
     rows = index_rows(tmp_path / "out")
-    assert list(rows[0]) == ["video", "row", "start_frame", "end_frame", "start_sec", "end_sec", "fps"]
+    assert list(rows[0]) == ["video", "row", "start_frame", "end_frame", "start_sec", "end_sec", "fps", "windows"]
+    assert {r["windows"] for r in rows} == {"pad"}
     for name, n in lengths.items():
         frames_at_rate = int(np.ceil(n / 25 * fps - 1e-9)) if fps != 25.0 else n     # --fps: k/fps < duration
         want = expected_windows(frames_at_rate, 8, interval, stride)

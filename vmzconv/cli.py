@@ -668,7 +668,7 @@ def predict(ckpt, videos, top_k, labels, arch, max_views, as_json, **kw):
 
 @main.command()
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("videos", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("videos", nargs=-1, type=click.Path())
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where NAME.npy (or features.h5) and index.csv go.")
 @click.option("--ann", type=click.Path(exists=True, dir_okay=False),
@@ -677,6 +677,14 @@ def predict(ckpt, videos, top_k, labels, arch, max_views, as_json, **kw):
 @click.option("--layer", type=click.Choice(["pool", "logits", "probs"]), default="pool", show_default=True,
               help="pool: the globally pooled vector that feeds the classifier (2048-d, 512-d for depth 18/34).")
 @click.option("--stride", type=click.IntRange(min=1), help="Frames between window starts (default: clip_len x interval).")
+@click.option("--tail", type=click.Choice(["pad", "shift", "drop"]), default="pad", show_default=True,
+              help="Frames after the last whole window: pad = one more window from the next start, the last frame "
+                   "repeated; shift = one more window ending at the last frame; drop = left out.")
+@click.option("--num-snippets", type=click.IntRange(1, 100_000), metavar="N",
+              help="Exactly N windows per video, starts evenly spread from the first frame to the last window "
+                   "(BMN/BSN-style); replaces --stride and --tail.")
+@click.option("--recursive", is_flag=True,
+              help="VIDEOS may be folders: every video below one, named by its path below it (a/x.mp4 -> a/x.npy).")
 @click.option("--fps", type=click.FloatRange(min=0.01), help="Resample the decoded frames to F frames per second first.")
 @click.option("--crop", type=click.Choice(["center", "none", "three"]), default="center", show_default=True,
               help="center crop, the whole resized frame, or the mean over three crops.")
@@ -689,14 +697,16 @@ def predict(ckpt, videos, top_k, labels, arch, max_views, as_json, **kw):
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable videos (listed in skipped.txt) instead of failing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def features(ckpt, videos, out_dir, ann, data_root, layer, stride, fps, crop, fmt, arch, batch, force, skip_bad, quiet,
-             **kw):
+def features(ckpt, videos, out_dir, ann, data_root, layer, stride, tail, num_snippets, recursive, fps, crop, fmt,
+             arch, batch, force, skip_bad, quiet, **kw):
     """Clip features of whole videos in sliding windows, for localisation and retrieval.
 
     Windows start at frames 0, S, 2S, ... while start + span <= frames (span = (clip_len-1) x interval + 1,
-    S = --stride); a video shorter than one span gives one window whose missing frames repeat the last.
-    Per video NAME.npy [windows, D] (float32), plus index.csv (video,row,start_frame,end_frame,start_sec,
-    end_sec,fps) over every video. Resumable: a video whose output matches the options and the
+    S = --stride), then --tail decides the frames after the last whole window (default pad: every frame is
+    in a window when S <= span); a video shorter than one span gives one window whose missing frames repeat
+    the last. --num-snippets N gives exactly N windows instead. Per video NAME.npy [windows, D] (float32),
+    plus index.csv (video,row,start_frame,end_frame,start_sec,end_sec,fps,windows) over every video
+    (end_frame is the last real frame). Resumable: a video whose output matches the options and the
     checkpoint's sha256 is skipped. Under `torchrun` the videos are sharded over ranks.
     """
     from .features import Options as FeatureOptions
@@ -704,7 +714,7 @@ def features(ckpt, videos, out_dir, ann, data_root, layer, stride, fps, crop, fm
 
     protocol, norm, rt = _run_settings(kw)
     opts = FeatureOptions(str(ckpt), list(videos), str(out_dir), ann=ann, data_root=data_root, arch=arch, layer=layer,
-                          crop=crop, stride=stride, fps=fps, fmt=fmt, batch=batch, force=force, skip_bad=skip_bad,
+                          crop=crop, stride=stride, tail=tail, num_snippets=num_snippets, recursive=recursive, fps=fps, fmt=fmt, batch=batch, force=force, skip_bad=skip_bad,
                           quiet=quiet, runtime=rt, norm=norm, protocol_overrides=protocol)
     if not videos and not ann:
         raise VmzconvError("features: give VIDEOS, or --ann LIST with --data-root DIR")

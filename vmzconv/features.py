@@ -15,6 +15,7 @@ import csv
 import functools
 import io
 import json
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,11 +29,11 @@ from .run import Norm, RuntimeOptions, open_run
 from .text import safe
 from .video import annotations
 from .video.decode import DecodeError, open_video
-from .video.windows import CROPS, Shaper, SlidingPlan, Windows, cut
+from .video.windows import CROPS, TAILS, Shaper, ShortVideo, SlidingPlan, Windows, cut, snippet_plan
 
 LAYERS = ("pool", "logits", "probs")
 FORMATS = ("npy", "h5")
-INDEX_HEADER = ["video", "row", "start_frame", "end_frame", "start_sec", "end_sec", "fps"]
+INDEX_HEADER = ["video", "row", "start_frame", "end_frame", "start_sec", "end_sec", "fps", "windows"]
 
 
 def window_chunks(path: str, w: Windows, batch: int):
@@ -43,6 +44,14 @@ def window_chunks(path: str, w: Windows, batch: int):
         rate = w.fps or video.rate
         if not rate:
             raise DecodeError(f"{path}: the video does not say its frame rate (use --fps)")
+        if w.num_snippets:                      # N windows spread over the whole video: its length first
+            n = video.count_at(w.fps)
+            if n < 1:
+                raise DecodeError(f"{path}: no decodable frames")
+            layout = w.layout(n)
+            plan, where = snippet_plan(w, n), layout.__getitem__
+        else:
+            plan, where = SlidingPlan(w), (lambda window: window)
         pending: list = []
 
         def chunk():
@@ -52,15 +61,38 @@ def window_chunks(path: str, w: Windows, batch: int):
             return views, info
 
         produced = False
-        for window, views in cut(video.frames(w.fps), SlidingPlan(w), Shaper(w.protocol, w.crop, path)):
-            produced = True
-            pending.append((window, views))
-            if len(pending) == batch:
-                yield chunk()
+        try:
+            for window, views in cut(video.frames(w.fps), plan, Shaper(w.protocol, w.crop, path)):
+                produced = True
+                pending.append((where(window), views))
+                if len(pending) == batch:
+                    yield chunk()
+        except ShortVideo as short:
+            raise DecodeError(f"{path}: {n} frames were counted but {short.frames} decoded") from None
         if not produced:
             raise DecodeError(f"{path}: no decodable frames")
         if pending:
             yield chunk()
+
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv",
+                  ".ts")
+
+
+def videos_below(folder: str) -> list[tuple[str, str]]:
+    """(path, name) of every video file below ``folder`` (by suffix, links to folders not followed, names
+    starting with a dot skipped), sorted; name = the path below ``folder`` without the suffix."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if f.lower().endswith(VIDEO_SUFFIXES) and not f.startswith("."):
+                path = os.path.join(root, f)
+                rel = Path(os.path.relpath(path, folder))
+                found.append((path, rel.with_suffix("").as_posix()))
+    if not found:
+        raise InputError(f"{folder}: no video files below it ({', '.join(VIDEO_SUFFIXES)})")
+    return found
 
 
 @dataclass
@@ -74,6 +106,9 @@ class Options:
     layer: str = "pool"
     crop: str = "center"
     stride: int | None = None
+    tail: str = "pad"
+    num_snippets: int | None = None
+    recursive: bool = False
     fps: float | None = None
     fmt: str = "npy"
     batch: int = 8                     # windows per forward pass
@@ -97,12 +132,24 @@ class Summary:
     h5: str | None
 
 
-def _items(opts: Options) -> list:
-    if opts.videos:
-        return [annotations.Item(i, str(v), -1, str(v), "video") for i, v in enumerate(opts.videos)]
-    if not (opts.ann and opts.data_root):
-        raise InputError("features: give videos, or --ann LIST with --data-root DIR")
-    return annotations.read(opts.ann, opts.data_root, "auto", unlabelled_ok=True)     # labels are not used
+def _items(opts: Options) -> tuple[list, list[str]]:
+    """The videos and their output names: a file's name without its suffix; with ``recursive``, a
+    folder's videos by their path below it (``a/x.mp4`` is ``a/x``)."""
+    if not opts.videos:
+        if not (opts.ann and opts.data_root):
+            raise InputError("features: give videos, or --ann LIST with --data-root DIR")
+        items = annotations.read(opts.ann, opts.data_root, "auto", unlabelled_ok=True)     # labels are not used
+        return items, _names(items, [_name(it.path) for it in items])
+    found: list[tuple[str, str]] = []
+    for v in map(str, opts.videos):
+        if os.path.isdir(v):
+            if not opts.recursive:
+                raise InputError(f"{v}: a folder; pass --recursive to take every video below it")
+            found += videos_below(v)
+        else:
+            found.append((v, _name(v)))
+    items = [annotations.Item(i, path, -1, path, "video") for i, (path, _) in enumerate(found)]
+    return items, _names(items, [name for _, name in found])
 
 
 def _name(path: str) -> str:
@@ -111,12 +158,12 @@ def _name(path: str) -> str:
     return stem if stem.strip(".") else Path(path).name.replace(".", "_")
 
 
-def _names(items) -> list[str]:
-    names = [_name(it.path) for it in items]
+def _names(items, names: list[str]) -> list[str]:
     seen: dict[str, str] = {}
     for it, name in zip(items, names):
         if name in seen:
-            raise InputError(f"{it.path} and {seen[name]} would both be written as {name}.npy; rename one")
+            raise InputError(f"{it.path} and {seen[name]} would both be written as {name}.npy; rename one"
+                             + ("" if "/" in name else ", or give their folder with --recursive"))
         seen[name] = it.path
     return names
 
@@ -125,9 +172,14 @@ def run(opts: Options) -> Summary:
     """Extract features for every video (this rank's share under torchrun); returns what was written."""
     if opts.layer not in LAYERS or opts.crop not in CROPS or opts.fmt not in FORMATS:
         raise VmzconvError(f"--layer {LAYERS}, --crop {CROPS}, --format {FORMATS}")
+    if opts.tail not in TAILS:
+        raise VmzconvError(f"--tail: one of {', '.join(TAILS)}")
+    if opts.num_snippets is not None and not 1 <= opts.num_snippets <= 100_000:
+        raise VmzconvError("--num-snippets must be 1 to 100000")
+    if opts.num_snippets and (opts.stride or opts.tail != "pad"):
+        raise VmzconvError("--num-snippets places the windows itself; it goes without --stride and --tail")
     out_dir = Path(opts.out_dir)
-    items = _items(opts)
-    names = _names(items)
+    items, names = _items(opts)
     planned = ["index.csv", "skipped.txt"] + (["features.h5"] if opts.fmt == "h5" else
                                                [f"{n}{ext}" for n in names for ext in (".npy", ".json")])
     rt = replace(opts.runtime, max_views=opts.batch * (3 if opts.crop == "three" else 1))
@@ -158,7 +210,8 @@ def _windows(opts: Options, protocol) -> Windows:
     if opts.crop == "three" and protocol.resize and min(protocol.resize) != protocol.crop_size:
         raise VmzconvError(f"--crop three needs the short side equal to --crop-size ({protocol.crop_size}); "
                            f"the frames are resized to {protocol.resize[0]}x{protocol.resize[1]}")
-    return Windows(protocol.clip_len, protocol.frame_interval, stride, opts.crop, opts.fps, protocol)
+    return Windows(protocol.clip_len, protocol.frame_interval, stride, opts.crop, opts.fps, protocol, opts.tail,
+                   opts.num_snippets)
 
 
 def _run(opts: Options, r, items, names, out_dir: Path, wins: Windows) -> Summary:
@@ -169,7 +222,8 @@ def _run(opts: Options, r, items, names, out_dir: Path, wins: Windows) -> Summar
     parts.mkdir(exist_ok=True)
     rank, world = r.rank, r.world
     mine = list(range(rank, len(items), world))
-    todo = [i for i in mine if opts.force or not _fresh(parts, names[i], record)]
+    in_h5 = set() if opts.fmt != "h5" or opts.force else set(_h5_videos(out_dir, record, [names[i] for i in mine]))
+    todo = [i for i in mine if opts.force or not _fresh(parts, names[i], record, in_h5)]
     from tqdm import tqdm
 
     bar = tqdm(unit="window", desc="features", file=sys.stderr, disable=opts.quiet or rank != 0 or not sys.stderr.isatty())
@@ -186,11 +240,14 @@ def _run(opts: Options, r, items, names, out_dir: Path, wins: Windows) -> Summar
                     skipped[i] = out.error
                     acc.pop(i, None)
                     continue
-                rows, info_windows, fps = _gather(acc.pop(i, []), opts.layer)
+                rows, info_windows, fps = _gather(acc.pop(i, []))
                 _write_video(parts, names[i], rows, info_windows, fps, record)
                 continue
             c = out.info["crops"]
-            value = out.value.reshape(-1, c, out.value.shape[-1]).mean(dim=1)
+            value = out.value
+            if opts.layer == "probs":            # softmax per view, then the crops' mean (as verify)
+                value = value.float().softmax(dim=-1)
+            value = value.reshape(-1, c, value.shape[-1]).mean(dim=1)
             acc.setdefault(i, []).append((value, out.info))
             bar.update(value.shape[0])
     finally:
@@ -211,12 +268,10 @@ def _item_chunks(item, w: Windows, batch: int):
     return window_chunks(item.path, w, batch)
 
 
-def _gather(chunks: list, layer: str):
+def _gather(chunks: list):
     import torch
 
     rows = torch.cat([v for v, _ in chunks]) if chunks else torch.zeros(0, 0)
-    if layer == "probs":
-        rows = torch.softmax(rows, dim=1)
     windows = [w for _, info in chunks for w in info["windows"]]
     fps = chunks[0][1]["fps"] if chunks else None
     return rows.numpy().astype(np.float32), windows, fps
@@ -246,13 +301,21 @@ def claim_outputs(out_dir: Path, names: list[str], force: bool) -> None:
     for n in foreign:
         if (out_dir / n).is_dir() and not (out_dir / n).is_symlink():
             raise OutputError(f"{out_dir / n}: is a folder; features writes a file there")
+    for n in names:                     # --recursive names: their folders are made here, never followed
+        for parent in list(Path(n).parents)[-2::-1]:
+            d = out_dir / parent
+            if d.is_symlink() or (d.exists() and not d.is_dir()):
+                raise OutputError(f"{d}: features writes into this folder, and here it is a file or a link; refused")
     text = "".join(f"{n}\n" for n in sorted(owned | set(names)))
     write_atomic(owned_file, lambda f: f.write(text.encode("utf-8", "surrogateescape")))
 
 
-def _fresh(parts: Path, name: str, record: dict) -> bool:
+def _fresh(parts: Path, name: str, record: dict, in_h5: set) -> bool:
     """Whether a video's outputs exist, match ``record`` and hold what the sidecar says: a truncated,
-    object-typed or non-finite array, or a sidecar with a bad fps or window list, is redone."""
+    object-typed or non-finite array, or a sidecar with a bad fps or window list, is redone. In h5 mode a
+    video already in ``features.h5`` (``in_h5``, checked the same way) is done too."""
+    if name in in_h5:
+        return True
     try:
         side = json.loads((parts / f"{name}.json").read_text())
         rows = np.load(parts / f"{name}.npy", allow_pickle=False)
@@ -260,14 +323,45 @@ def _fresh(parts: Path, name: str, record: dict) -> bool:
         return False
     if not isinstance(side, dict) or side.get("record") != record:
         return False
-    fps, windows, shape = side.get("fps"), side.get("windows"), side.get("shape")
+    return _consistent(rows, side.get("fps"), side.get("windows"), side.get("shape"))
+
+
+def _consistent(rows, fps, windows, shape) -> bool:
     return (isinstance(fps, (int, float)) and not isinstance(fps, bool) and 0 < fps < 1e6
             and isinstance(windows, list) and all(isinstance(w, list) and len(w) == 2 for w in windows)
             and rows.dtype == np.float32 and rows.ndim == 2 and list(rows.shape) == shape
             and len(windows) == rows.shape[0] and bool(np.isfinite(rows).all()))
 
 
+def _h5_videos(out_dir: Path, record: dict, names: list[str]) -> dict:
+    """name -> (rows, fps, windows) of the videos an existing ``features.h5`` made with the same options
+    holds; anything unreadable or inconsistent counts as absent (and is redone)."""
+    path = out_dir / "features.h5"
+    if not path.is_file() or path.is_symlink():
+        return {}
+    import h5py
+
+    found = {}
+    try:
+        with h5py.File(path, "r") as h5:
+            if h5.attrs.get("options") != json.dumps(record, sort_keys=True):
+                return {}
+            for name in names:
+                ds = h5.get(safe(name))
+                if not isinstance(ds, h5py.Dataset):
+                    continue
+                rows = ds[()]
+                fps = float(ds.attrs["fps"])
+                windows = np.asarray(ds.attrs["windows"]).reshape(-1, 2).tolist()
+                if _consistent(rows, fps, windows, list(rows.shape)):
+                    found[name] = (rows, fps, windows)
+    except (OSError, KeyError, ValueError, TypeError):
+        return {}
+    return found
+
+
 def _write_video(parts: Path, name: str, rows: np.ndarray, windows: list, fps: float, record: dict) -> None:
+    (parts / name).parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.save(buf, rows)
     write_atomic(parts / f"{name}.npy", lambda f: f.write(buf.getvalue()))
@@ -277,19 +371,27 @@ def _write_video(parts: Path, name: str, rows: np.ndarray, windows: list, fps: f
 
 
 def _finish(out_dir: Path, parts: Path, names, items, skipped: dict, record: dict, fmt: str, world: int):
-    """index.csv over every video of the run (and features.h5), written once every rank is done."""
-    rows, total, dim, done = [], 0, None, []
-    for i, name in enumerate(names):
+    """index.csv over every video of the run (and features.h5), written once every rank is done. In h5
+    mode the per-video parts are removed once the file holds them: no hidden copies stay behind."""
+    old = _h5_videos(out_dir, record, names) if fmt == "h5" else {}
+    entries = []                                   # (name, fps, windows, rows loader)
+    for name in names:
         try:
             side = json.loads((parts / f"{name}.json").read_text())
+            entries.append((name, side["fps"], side["windows"],
+                            functools.partial(np.load, parts / f"{name}.npy", allow_pickle=False)))
         except (OSError, ValueError):
-            continue                               # skipped (here or on another rank)
-        fps = side["fps"]
-        for r, (s, e) in enumerate(side["windows"]):
-            rows.append([name, r, s, e, f"{s / fps:.6f}", f"{(e + 1) / fps:.6f}", f"{fps:.6f}"])
-        total += len(side["windows"])
-        dim = side["shape"][1] if len(side["shape"]) == 2 else dim
-        done.append(name)
+            if name in old:                        # done by an earlier run, kept in features.h5
+                rows, fps, windows = old[name]
+                entries.append((name, fps, windows, functools.partial(lambda r: r, rows)))
+            # else: skipped (here or on another rank)
+    kind = "snippets" if record["windows"].get("num_snippets") else record["windows"]["tail"]
+    rows, total, dim = [], 0, None
+    for name, fps, windows, load in entries:
+        for r, (s, e) in enumerate(windows):
+            rows.append([name, r, s, e, f"{s / fps:.6f}", f"{(e + 1) / fps:.6f}", f"{fps:.6f}", kind])
+        total += len(windows)
+        dim = dim if dim is not None or not windows else int(load().shape[1])
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(INDEX_HEADER)
@@ -303,17 +405,33 @@ def _finish(out_dir: Path, parts: Path, names, items, skipped: dict, record: dic
     h5 = None
     if fmt == "h5":
         h5 = out_dir / "features.h5"
-        write_atomic(h5, lambda f: _write_h5(f.name, parts, done, record))
-    return str(index), (str(h5) if h5 else None), total, dim, len(done)
+        write_atomic(h5, lambda f: _write_h5(f.name, entries, record))
+        _remove_parts(parts, [name for name, *_ in entries])
+    return str(index), (str(h5) if h5 else None), total, dim, len(entries)
 
 
-def _write_h5(path: str, parts: Path, names: list, record: dict) -> None:
+def _write_h5(path: str, entries: list, record: dict) -> None:
     import h5py
 
     with h5py.File(path, "w") as h5:
         h5.attrs["options"] = json.dumps(record, sort_keys=True)
-        for name in names:
-            side = json.loads((parts / f"{name}.json").read_text())
-            ds = h5.create_dataset(safe(name), data=np.load(parts / f"{name}.npy", allow_pickle=False))
-            ds.attrs["fps"] = side["fps"]
-            ds.attrs["windows"] = np.asarray(side["windows"], dtype=np.int64).reshape(-1, 2)
+        for name, fps, windows, load in entries:
+            ds = h5.create_dataset(safe(name), data=load())
+            ds.attrs["fps"] = fps
+            ds.attrs["windows"] = np.asarray(windows, dtype=np.int64).reshape(-1, 2)
+
+
+def _remove_parts(parts: Path, names: list[str]) -> None:
+    """Delete the per-video parts features.h5 now holds (the sidecar first: a part without its sidecar
+    is never taken as done), then the parts folder's emptied subfolders and itself."""
+    for name in names:
+        for ext in (".json", ".npy"):
+            try:
+                (parts / f"{name}{ext}").unlink()
+            except FileNotFoundError:
+                pass
+    for root, dirs, files in os.walk(parts, topdown=False):
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass                              # not empty: another run's parts, or a file not ours

@@ -57,6 +57,15 @@ class Video:
         self.container.seek(0)
         return n
 
+    def count_at(self, fps: float | None) -> int:
+        """The frames :meth:`frames` will give: demuxed (no decoding) at the stream's own rate, decoded
+        (no conversion) when resampled; then back to the start."""
+        if fps is None:
+            return self.count()
+        n = sum(1 for _ in self.frames(fps))
+        self.container.seek(0)
+        return n
+
     def _checked(self, frame):
         if frame.width * frame.height > MAX_FRAME_PIXELS:
             raise DecodeError(f"{self.path}: a {frame.width}x{frame.height} frame is larger than vmzconv decodes "

@@ -6,7 +6,8 @@ arrives, kept only while a window that is still open needs it, and each window i
 being built, never the video's length. A *plan* says which frames a window takes:
 
 * :class:`ClipPlan`: the protocol's clips of a video of known length (``protocol.frame_indices``);
-* :class:`SlidingPlan`: windows at 0, S, 2S, ... over a video of unknown length.
+* :class:`SlidingPlan`: windows at 0, S, 2S, ... (and a tail window) over a video of unknown length;
+* :func:`snippet_plan`: N windows evenly spread over a video of known length.
 """
 
 from __future__ import annotations
@@ -75,13 +76,14 @@ def cut(frames: Source, plan, shape: Callable[[np.ndarray], np.ndarray]) -> Iter
         yield w, np.stack([buf[j] for j in plan.indices(w)], axis=1)
 
 
-class ClipPlan:
-    """The protocol's clips over a video of ``total`` frames; window = clip number."""
+class IndexPlan:
+    """Windows given up front as frame indices ``idx`` [windows, clip_len] over a video of known length;
+    window = its row number."""
 
-    def __init__(self, total: int, p: P.Protocol):
-        self.idx = P.frame_indices(total, p)           # [clips, clip_len], already wrapped mod total
+    def __init__(self, idx: np.ndarray):
+        self.idx = idx
         self.open = list(range(len(self.idx)))
-        self.needed = set(int(i) for i in self.idx.reshape(-1))
+        self.needed = {int(i) for i in self.idx.reshape(-1)}
         self.last = self.idx.max(axis=1)
 
     def wants(self, i: int) -> bool:
@@ -94,7 +96,7 @@ class ClipPlan:
         done = [k for k in self.open if self.last[k] < n]
         if done:
             self.open = [k for k in self.open if k not in done]
-            self.needed = set(int(i) for k in self.open for i in self.idx[k])
+            self.needed = {int(i) for k in self.open for i in self.idx[k]}
         return done
 
     def still_needed(self, i: int) -> bool:
@@ -106,6 +108,13 @@ class ClipPlan:
         return []
 
 
+class ClipPlan(IndexPlan):
+    """The protocol's clips over a video of ``total`` frames; window = clip number."""
+
+    def __init__(self, total: int, p: P.Protocol):
+        super().__init__(P.frame_indices(total, p))           # [clips, clip_len], already wrapped mod total
+
+
 def clip_views(frames: Source, total: int, p: P.Protocol, path: str) -> np.ndarray:
     """uint8 views [V, T, c, c, 3] of the protocol's clips, V = crop * num_clips + clip (FormatShape's order)."""
     plan = ClipPlan(total, p)
@@ -114,10 +123,18 @@ def clip_views(frames: Source, total: int, p: P.Protocol, path: str) -> np.ndarr
     return np.ascontiguousarray(out.reshape(-1, *out.shape[2:]))
 
 
+TAILS = ("pad", "shift", "drop")
+
+
 @dataclass(frozen=True)
 class Windows:
-    """Sliding windows for ``features``: starts 0, S, 2S, ... while ``start + span <= frames``; a video
-    shorter than one span gives one window whose missing frames repeat the last one."""
+    """The windows ``features`` cuts from a video of ``n`` frames (:meth:`layout` is the rule; the plans
+    below stream it). Sliding: starts 0, S, 2S, ... while ``start + span <= n``, then by ``tail`` one
+    more window when frames after the last one would be left out (S <= span): ``pad`` starts it at the
+    next S and repeats the last frame, ``shift`` ends it at the last frame (it overlaps the window
+    before), ``drop`` leaves those frames out. A video shorter than one span gives one window whose
+    missing frames repeat the last one. ``num_snippets`` N instead: exactly N windows, starts evenly
+    spread from 0 to ``n - span`` (one window: centred), as BMN/BSN-style localisation expects."""
 
     clip_len: int
     frame_interval: int
@@ -125,31 +142,57 @@ class Windows:
     crop: str                 # center | none | three
     fps: float | None         # resample to this rate first
     protocol: P.Protocol      # its resize / short side / crop size shape each frame
+    tail: str = "pad"
+    num_snippets: int | None = None
 
     @property
     def span(self) -> int:
         return (self.clip_len - 1) * self.frame_interval + 1
 
-    def starts(self, num_frames: int) -> list[int]:
-        if num_frames < self.span:
-            return [0]
-        return list(range(0, num_frames - self.span + 1, self.stride))
+    def _window(self, start: int, n: int) -> tuple:
+        idx = [min(start + i * self.frame_interval, n - 1) for i in range(self.clip_len)]
+        return start, min(start + self.span, n) - 1, idx
+
+    def layout(self, n: int) -> list[tuple]:
+        """(start frame, last real frame, frame indices) of each window of a video of ``n`` frames."""
+        if n < 1:
+            return []
+        if self.num_snippets:
+            if n < self.span:
+                starts = [0] * self.num_snippets
+            elif self.num_snippets == 1:
+                starts = [(n - self.span) // 2]
+            else:
+                starts = [int(s) for s in np.floor(np.linspace(0, n - self.span, self.num_snippets) + 0.5)]
+            return [self._window(s, n) for s in starts]
+        if n < self.span:
+            return [self._window(0, n)]
+        out = [self._window(s, n) for s in range(0, n - self.span + 1, self.stride)]
+        last_end, nxt = out[-1][0] + self.span - 1, out[-1][0] + self.stride
+        if last_end < n - 1 and nxt <= n - 1 and self.tail != "drop":
+            out.append(self._window(nxt if self.tail == "pad" else n - self.span, n))
+        return out
 
     def record(self) -> dict:
         p = self.protocol
         return {"clip_len": self.clip_len, "frame_interval": self.frame_interval, "stride": self.stride,
                 "crop": self.crop, "fps": self.fps, "short_side": p.short_side, "crop_size": p.crop_size,
-                "resize": list(p.resize) if p.resize else None}
+                "resize": list(p.resize) if p.resize else None, "tail": self.tail, "num_snippets": self.num_snippets}
 
 
 class SlidingPlan:
-    """:class:`Windows` over a stream of unknown length; window = (start frame, end frame, indices)."""
+    """:class:`Windows` (sliding) over a stream of unknown length; window = (start frame, end frame,
+    indices). Frames are kept only while a window may still take them: under ``drop`` those a still-open
+    window samples; under ``pad``/``shift`` every frame from the next start (``shift``: and the last
+    span), since the tail window's frames are known only at the end."""
 
     def __init__(self, w: Windows):
-        self.w, self.start = w, 0
+        self.w, self.start, self.n, self.emitted = w, 0, 0, 0
 
     def wants(self, n: int) -> bool:
         w = self.w            # a frame that a still-open window takes (start + i * interval)
+        if w.tail != "drop":
+            return True
         return any((n - s) % w.frame_interval == 0 for s in range(self.start, n + 1, w.stride) if n < s + w.span)
 
     def indices(self, window) -> list[int]:
@@ -157,22 +200,34 @@ class SlidingPlan:
 
     def complete(self, n: int) -> list:
         w, out = self.w, []
+        self.n = n
         while self.start + w.span <= n:
             idx = [self.start + i * w.frame_interval for i in range(w.clip_len)]
             out.append((self.start, idx[-1], idx))
             self.start += w.stride
+        self.emitted += len(out)
         return out
 
     def still_needed(self, i: int) -> bool:
+        if self.w.tail == "shift":
+            return i >= min(self.start, self.n - self.w.span)
         return i >= self.start
 
     def end(self, n: int, buf) -> list:
+        w = self.w
         if n == 0:
             return []
-        if self.start == 0 and n < self.w.span:         # shorter than one window: repeat the last frame
+        if w.tail != "drop":                       # the tail window (or a short video's one), by the rule
+            return w.layout(n)[self.emitted:]
+        if self.start == 0 and n < w.span:         # shorter than one window: repeat the last kept frame
             last = max(buf)
-            return [(0, n - 1, [min(i * self.w.frame_interval, last) for i in range(self.w.clip_len)])]
+            return [(0, n - 1, [min(i * w.frame_interval, last) for i in range(w.clip_len)])]
         return []
+
+
+def snippet_plan(w: Windows, n: int) -> IndexPlan:
+    """``--num-snippets``: the windows of a video of ``n`` frames, known up front."""
+    return IndexPlan(np.asarray([idx for _, _, idx in w.layout(n)], dtype=np.int64).reshape(-1, w.clip_len))
 
 
 def item_views(item, p: P.Protocol, filename_tmpl: str = "img_{:05d}.jpg") -> np.ndarray:
