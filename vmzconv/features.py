@@ -1,13 +1,13 @@
 """``vmzconv features``: clip-level features of whole (untrimmed) videos, in sliding windows.
 
 Windows start at frames 0, S, 2S, ... while ``start + span <= num_frames`` with ``span = (clip_len -
-1) * frame_interval + 1`` and ``S = stride`` (default ``clip_len * frame_interval``); a video shorter
-than one span gives one window whose missing frames repeat the last frame. Frames are streamed: a
-window is cut as soon as its last frame is decoded, so a long video never sits in memory. Each
-video's rows go to ``NAME.npy`` (float32 [windows, D]) with a sidecar ``NAME.json`` (options,
-checkpoint sha256, windows), written atomically; a video whose sidecar matches is skipped, so a
-killed run resumes. ``index.csv`` (and ``features.h5`` with ``--format h5``) covers every video.
-"""
+1) * frame_interval + 1`` and ``S = stride`` (default ``clip_len * frame_interval``), then one tail
+window by ``--tail`` (:class:`video.windows.Windows` holds the rule); or ``--num-snippets`` N windows
+spread evenly. Frames are streamed: a window is cut as soon as its last frame is decoded, so a long
+video never sits in memory. Each video's rows go to ``NAME.npy`` (float32 [windows, D]) with a sidecar
+``NAME.json`` (options, checkpoint sha256, windows), written atomically; a video whose sidecar matches is
+skipped, so a killed run resumes. ``index.csv`` (and ``features.h5`` with ``--format h5``, which then
+holds the only copy) covers every video."""
 
 from __future__ import annotations
 
