@@ -321,6 +321,19 @@ def test_expect_published_uses_the_zoo_numbers(vmz_pickle, dataset, tmp_path):
                   "--norm", "imagenet")
     assert proc.returncode == 1, proc.stderr
     assert "top1 79.00% +- 0.5" in proc.stdout and "top5 94.20%" in proc.stdout and "accuracy check failed" in proc.stderr
+    # the published numbers were measured under MMAction2's protocol: the run's small clips are named, the
+    # normalisation (MMAction2's config's, as given) is not
+    warning = next(ln for ln in proc.stderr.splitlines() if ln.startswith("vmzconv: warning: --expect-published"))
+    for diff in ("clip_len 32 (this run: 8)", "num_clips 10 (this run: 2)", "short_side 256 (this run: 64)",
+                 "crop_size 256 (this run: 64)"):
+        assert diff in warning, warning
+    assert "mean" not in warning and "MMAction2's re-measurement" in warning
+    report = tmp_path / "r.json"
+    proc = verify(ckpt, "--ann", dataset / "raw.txt", "--data-root", dataset, *ARGS, "--expect-published",
+                  "--report", report)                         # the card's VMZ normalisation: named too
+    warning = next(ln for ln in proc.stderr.splitlines() if ln.startswith("vmzconv: warning: --expect-published"))
+    assert "mean [123.675, 116.28, 103.53] (this run: [110.201, 100.64, 95.9966])" in warning
+    assert json.loads(report.read_text())["published_basis"]["measured_by"] == "mmaction2"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")

@@ -94,7 +94,14 @@ def plan(src: str | Path, out_dir: str | Path, target: str | None = None,
     else:
         raise InputError(f"{src}: not a folder or a .toml manifest")
     if manifest:
-        overrides.update({str(Path(k).resolve()): v for k, v in _manifest(Path(manifest)).items()})
+        extra = {str(Path(k).resolve()): v for k, v in _manifest(Path(manifest)).items()}
+        known = {str(s.resolve()) for s in sources}
+        stray = [v["path"] for k, v in extra.items() if k not in known]
+        if stray:
+            raise InputError(f"{manifest}: [[file]] {stray[0]!r} is not a .pkl file below {src}"
+                             + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else "")
+                             + "; a --manifest only sets options for SRC's own files")
+        overrides.update(extra)
     jobs, names = [], {}
     for s in sources:
         o = overrides.get(str(s)) or overrides.get(str(s.resolve())) or {}
@@ -433,10 +440,20 @@ def render_md(rows: list[Row], out_dir: Path | None = None) -> str:
 def write_reports(out_dir: Path, rows: list[Row]) -> None:
     from .files import write_atomic
 
+    root = _input_root(rows)
+    out_abs = os.path.abspath(out_dir)
+
+    def relative(r: Row) -> dict:        # as report.md: inputs below their common folder, outputs below OUT_DIR
+        d = asdict(r)
+        d["file"] = os.path.relpath(os.path.abspath(r.file), root) if root else r.file
+        d["output"] = os.path.relpath(os.path.abspath(r.output), out_abs) if r.output else r.output
+        return d
+
     summary = {"vmzconv_version": __version__, "files": len(rows),
                "converted": sum(r.status == "converted" for r in rows),
                "up_to_date": sum(r.status == "up-to-date" for r in rows),
-               "failed": sum(not r.ok for r in rows), "rows": [asdict(r) for r in rows]}
+               "failed": sum(not r.ok for r in rows), "input_root": root, "out_dir": out_abs,
+               "rows": [relative(r) for r in rows]}
     text = json.dumps(summary, indent=2) + "\n"
     write_atomic(out_dir / "report.json", lambda f: f.write(text.encode()))
     md = f"# vmzconv bulk report\n\n{render_md(rows, out_dir)}\n"

@@ -47,10 +47,26 @@ def _fail_cleanly(fn):
         except BaseException as e:
             if not _interrupted(e):
                 raise
-            click.echo("vmzconv: interrupted; no partial output was left", err=True)
+            _report_interrupt()
             sys.exit(130)
 
     return wrapper
+
+
+_WRITTEN: list[str] = []     # outputs a command has finished writing (complete files) in this process
+
+
+def _written(*paths) -> None:
+    """Record that ``paths`` are complete on disk: an interrupt from here on says so."""
+    _WRITTEN.extend(str(p) for p in paths if p)
+
+
+def _report_interrupt() -> None:
+    if _WRITTEN:
+        click.echo(f"vmzconv: interrupted after {safe(', '.join(_WRITTEN))} was written (complete); the rest of the "
+                   "command did not run", err=True)
+    else:
+        click.echo("vmzconv: interrupted; no partial output was left", err=True)
 
 
 class _Group(click.Group):
@@ -58,19 +74,28 @@ class _Group(click.Group):
 
     def main(self, args=None, prog_name=None, **kwargs):
         import signal
+        import threading
 
         kwargs.pop("standalone_mode", None)
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, signal.default_int_handler)
+        _WRITTEN.clear()
         try:
-            return super().main(args, prog_name, standalone_mode=False, **kwargs)
+            result = super().main(args, prog_name, standalone_mode=False, **kwargs)
         except click.exceptions.UsageError as e:
             where = e.ctx.command_path if e.ctx else "vmzconv"
             click.echo(f"vmzconv: error: {e.format_message()} (see '{where} --help')", err=True)
             sys.exit(2)
         except click.exceptions.Abort:
-            click.echo("vmzconv: interrupted; no partial output was left", err=True)
+            _report_interrupt()
             sys.exit(130)
+        # The command is done and said so: an interrupt that lands while the process exits would only turn
+        # a finished run into exit 130 with no word (or a traceback); from here on it is ignored. (Only for
+        # the process's own command line, args=None: a caller that passes args keeps its handlers.)
+        if args is None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return result
 
 
 class _Stages:
@@ -134,6 +159,9 @@ def main():
 
     Start with `vmzconv demo` (no downloads), then `vmzconv inspect FILE.pkl`
     and `vmzconv convert FILE.pkl OUT.pth`.
+
+    Exit status of every command: 0 success, 1 a check ran and failed (parity, accuracy, the ONNX
+    proof), 2 bad input, 130 interrupted (Ctrl-C or SIGTERM). Errors are one line on stderr.
     """
 
 
@@ -191,7 +219,7 @@ def convert(src, out, arch, target, keep_head, publish, date, card, print_config
     Reads SRC without executing it, maps every blob through a declarative table,
     loads the result strictly into the reference model, checks parity against the
     Caffe2-semantics reference, and only then writes OUT atomically. Exit status:
-    0 written, 1 parity failed, 2 bad input.
+    0 written, 1 parity failed, 2 bad input, 130 interrupted (Ctrl-C or SIGTERM; nothing half-written).
     """
     from .convert import convert as convert_file
 
@@ -203,6 +231,7 @@ def convert(src, out, arch, target, keep_head, publish, date, card, print_config
                            progress=stages, consumer=check_consumer, allow_non_finite=allow_non_finite)
     finally:
         stages.close()
+    _written(res.output, res.card)
     _print_result(res, as_json)
     if print_config and not as_json:
         from .configs import test_config
@@ -262,7 +291,7 @@ def parity(src, converted, parity_clip, tolerance, trace, trace_tolerance, bn_ep
     dict of a VMZ model) against SRC, the .pkl it came from.
 
     Exit status 0 when the logits agree within the tolerance with identical top-5 (and, with --trace,
-    no stage diverges), 1 otherwise.
+    no stage diverges), 1 otherwise, 2 bad input, 130 interrupted.
     """
     from . import parity as parity_mod
     from .convert import parity_of
@@ -328,8 +357,8 @@ def config(ckpt, mode, num_classes, ann_train, ann_val, data_root):
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the zoo as JSON.")
 def zoo(as_json):
-    """List the known VMZ CSN pickles: arch, classes, pretraining, what MMAction2 file each becomes,
-    the normalisation its MMAction2 config uses, and the published accuracy."""
+    """List the known VMZ pickles (ir/ip-CSN, R(2+1)D): arch, classes, pretraining, what file each
+    becomes, the normalisation its MMAction2 config uses, and the published accuracy."""
     from .zoo import entries
 
     rows = [dict(e) for e in entries()]
@@ -351,7 +380,9 @@ def zoo(as_json):
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--jobs", "-j", type=click.IntRange(min=1), help="Worker processes (default: number of cores).")
 @click.option("--target", type=click.Choice(TARGET_NAMES),
-              help="Layout for every file (default: zoo files by their kind, others mmaction2).")
+              help="Layout for every file (default: zoo files as `vmzconv zoo` lists them — CSNs mmaction2, or "
+                   "mmaction2-backbone for pretraining files, R(2+1)D torchvision; others by family: "
+                   + _DEFAULT_TARGETS + ").")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML with [[file]] path=..., and optional arch=, target=, name= per file.")
 @click.option("--force", is_flag=True, help="Reconvert files whose outputs are up to date.")
@@ -584,6 +615,8 @@ def verify(ckpt, ann, data_root, ann_format, allow_outside_root, arch, filename_
     if expect_published:
         click.echo("expect       published numbers of the zoo entry matched by FILE NAME only (unverified: no "
                    "sha256 of the released files is known)")
+    for w in outcome.warnings:
+        click.echo(f"vmzconv: warning: {safe(w)}", err=True)
     for c in outcome.checks:
         click.echo(f"expect       {c['metric']} {c['expected']:.2f}% +- {tolerance}: measured {c['measured']:.2f}% -> "
                    f"{'PASS' if c['passed'] else 'FAIL'}")
@@ -613,7 +646,7 @@ def export(ckpt, out, output, clip, dynamic, opset, arch, card, force, as_json):
     kept, ONNX Runtime (CPU) runs the fixed parity clip at batch 1 and 2 (and a second clip size with
     --dynamic) against the PyTorch model: max |difference| <= 1e-4, identical top-5, no NaN/Inf.
     Needs the optional extra: pip install 'vmzconv[onnx]'. Exit status: 0 written, 1 the check
-    failed (nothing written), 2 bad input.
+    failed (nothing written), 2 bad input, 130 interrupted.
     """
     from .export import export as export_file
 
@@ -688,7 +721,9 @@ def predict(ckpt, videos, top_k, labels, arch, max_views, as_json, **kw):
 @click.option("--fps", type=click.FloatRange(min=0.01), help="Resample the decoded frames to F frames per second first.")
 @click.option("--crop", type=click.Choice(["center", "none", "three"]), default="center", show_default=True,
               help="center crop, the whole resized frame, or the mean over three crops.")
-@click.option("--format", "fmt", type=click.Choice(["npy", "h5"]), default="npy", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["npy", "h5"]), default="npy", show_default=True,
+              help="npy: NAME.npy + NAME.json per video; h5: one features.h5, a dataset per video (with fps and "
+                   "windows as attributes), no per-video copies kept.")
 @click.option("--arch", type=click.Choice(ARCH_NAMES), help="Required for checkpoints without vmzconv meta.")
 @_protocol_options
 @_runtime_options
@@ -730,10 +765,15 @@ def features(ckpt, videos, out_dir, ann, data_root, layer, stride, tail, num_sni
 @main.command()
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vmzconv-demo"),
               show_default=True, help="Where the demo pickle and checkpoint go.")
-@click.option("--arch", type=click.Choice(ARCH_NAMES), default="ircsn_r50", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--arch", type=click.Choice(ARCH_NAMES), default="ircsn_r50", show_default=True,
+              help="Architecture of the demo pickle (any family and released depth).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random weights (the same seed writes the same bytes).")
+@click.option("--classes", type=click.IntRange(1, 100_000), default=400, show_default=True,
+              help="Classes of the pickle's FC: 359 (IG-65M) or 487 (Sports-1M) make a pretraining pickle "
+                   "like VMZ's, which converts to a backbone file.")
 @_fail_cleanly
-def demo(out_dir, arch, seed):
+def demo(out_dir, arch, seed, classes):
     """Write a VMZ-format pickle (Python-2 cPickle opcodes, seeded weights) and convert it.
 
     Needs no download: shows the whole pipeline, parity included, on a model
@@ -745,11 +785,12 @@ def demo(out_dir, arch, seed):
 
     family, depth = parse_arch_name(arch)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pkl = write_vmz_pickle(out_dir / f"demo_{arch}.pkl", seeded_blobs(family, depth, 400, seed))
-    click.echo(f"wrote    {safe(pkl)} (VMZ format, {pkl.stat().st_size / 1e6:.1f} MB, seed {seed})")
+    stem = f"demo_{arch}" + ("" if classes == 400 else f"_{classes}")
+    pkl = write_vmz_pickle(out_dir / f"{stem}.pkl", seeded_blobs(family, depth, classes, seed))
+    click.echo(f"wrote    {safe(pkl)} (VMZ format, {pkl.stat().st_size / 1e6:.1f} MB, seed {seed}, {classes} classes)")
     stages = _Stages(False)
     try:
-        res = convert_file(pkl, out_dir / f"demo_{arch}.pth", arch=arch, force=True, progress=stages)
+        res = convert_file(pkl, out_dir / f"{stem}.pth", arch=arch, force=True, progress=stages)
     finally:
         stages.close()
     _print_result(res, False)

@@ -23,6 +23,7 @@ from ..errors import CheckError, InputError, OutputError, VmzconvError
 from ..files import check_writable, write_atomic
 from ..run import Norm, Run, RuntimeOptions, open_run
 from ..video import annotations
+from ..video.protocol import Protocol
 from ..video.windows import item_views
 from . import metrics
 
@@ -59,6 +60,7 @@ class Outcome:
     probs: list                          # per video in annotation order (None where skipped)
     report: dict                         # empty on a non-zero torchrun rank
     checks: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
 
     @property
     def failed(self) -> list:
@@ -177,8 +179,10 @@ def run(opts: Options) -> Outcome:
     t_start = time.perf_counter()
     items = annotations.read(opts.ann, opts.data_root, opts.ann_format, allow_outside_root=opts.allow_outside_root)
     check_outputs(opts, items)                              # fail before the (long) run, not after
+    basis = None
     if opts.expect_published and opts.expect_top1 is None:
         opts.expect_top1, opts.expect_top5 = published_expectation(opts.ckpt)
+        basis = published_basis(opts.ckpt)
     names = annotations.label_names(opts.label_map)
     need = f"{opts.ckpt}: a backbone-only file has no classifier to verify"
     with open_run(opts.ckpt, opts.arch, opts.runtime, "logits", opts.protocol_overrides, opts.norm, need,
@@ -189,6 +193,9 @@ def run(opts: Options) -> Outcome:
         outcome = Outcome({}, [], {})
         if r.rank == 0:
             outcome = _report(opts, r, items, names, parts, time.perf_counter() - t_start)
+            if basis is not None:
+                outcome.warnings = basis_differences(basis, r.protocol, r.mean, r.std)
+                outcome.report["published_basis"] = basis
         r.barrier()
     if outcome.report:
         outcome.checks = check_expectations(outcome.metrics, opts.expect_top1, opts.expect_top5, opts.tolerance)
@@ -304,6 +311,47 @@ def published_expectation(ckpt: str | Path) -> tuple[float, float | None]:
     if f"{who}_top1" not in acc:
         raise VmzconvError(f"{ckpt}: no published accuracy in its meta (not a known VMZ zoo file)")
     return acc[f"{who}_top1"], acc.get(f"{who}_top5")
+
+
+_PROTOCOL_FIELDS = ("name", "clip_len", "frame_interval", "num_clips", "short_side", "resize", "crop_size", "num_crops")
+
+
+def published_basis(ckpt: str | Path) -> dict:
+    """How the published numbers of a zoo checkpoint were measured: MMAction2's re-measurements with its
+    config's normalisation and the card's protocol (MMAction2's test settings), VMZ's with VMZ's own."""
+    from ..checkpoint import load_meta
+    from ..zoo import NORMS
+
+    meta = load_meta(ckpt)
+    zoo_info, inp = meta.get("zoo") or {}, meta.get("input") or {}
+    acc = zoo_info.get("published_accuracy") or {}
+    who = "mmaction2" if "mmaction2_top1" in acc else "vmz"
+    norm = (zoo_info.get("mmaction2_config_mean_std") if who == "mmaction2" else None) or NORMS["vmz"]
+    card = Protocol.from_card(inp)
+    protocol = {f: (list(v) if isinstance(v, tuple) else v) for f in _PROTOCOL_FIELDS for v in [getattr(card, f)]}
+    return {"measured_by": who, "mean": list(norm["mean"]), "std": list(norm["std"]), "protocol": protocol}
+
+
+def basis_differences(basis: dict, protocol, mean, std) -> list[str]:
+    """What this run does differently from how the published numbers were measured (empty: like for like)."""
+    out = []
+    for name, ours, theirs in (("mean", mean, basis["mean"]), ("std", std, basis["std"])):
+        if any(abs(float(a) - float(b)) > 0.01 for a, b in zip(ours, theirs)):
+            out.append(f"{name} {_short(theirs)} (this run: {_short(ours)})")
+    for f, theirs in basis["protocol"].items():
+        ours = getattr(protocol, f)
+        ours = list(ours) if isinstance(ours, tuple) else ours
+        if ours != theirs:
+            out.append(f"{f} {theirs} (this run: {ours})")
+    if not out:
+        return []
+    who = "MMAction2's re-measurement" if basis["measured_by"] == "mmaction2" else "VMZ's"
+    return [f"--expect-published: the published numbers ({who}) were measured with {'; '.join(out)}; the comparison "
+            "is not like for like"]
+
+
+def _short(values) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
 
 
 def check_expectations(m: dict, top1: float | None, top5: float | None, tolerance: float) -> list[dict]:
