@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 
 def run_measured(code: str, *args: str) -> dict:
@@ -22,10 +23,24 @@ def run_measured(code: str, *args: str) -> dict:
         print(json.dumps(_res))
     """).format(code=textwrap.indent(textwrap.dedent(code), "").strip().replace("\n", "\n"))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"benchmark child failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["wall_seconds"] = round(wall, 3)           # the whole process: interpreter start, imports, exit
+    return res
+
+
+def run_wall(cmd: list[str]) -> float:
+    """Wall seconds of a whole command (a fresh process), as a user waits for it."""
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark command failed: {' '.join(cmd)}\n{out.stderr}")
+    return round(wall, 3)
 
 
 def write_pickles(specs: list[tuple[str, str, int, int]]) -> None:

@@ -193,11 +193,26 @@ def _mixed(kts_by_layer, conv1_kt):
     return arrays
 
 
+@pytest.mark.parametrize("kts,conv1_kt,found", [
+    ((1, 1, 1, 1), 1, {"r2df_r18"}),                     # (R2D on 1-frame clips: the same ops)
+    ((1, 1, 1, 1), 3, {"r2d_r18", "mc2_r18"}),           # every shape shared: --arch decides
+    ((1, 1, 1, 1), 8, {"r2d_r18"}),
+    ((3, 3, 1, 1), 3, {"mc4_r18"}),
+    ((1, 1, 3, 3), 1, {"rmc4_r18"}),
+    ((3, 3, 3, 3), 1, {"rmc2_r18"}),
+    ((3, 3, 3, 3), 3, {"r3d_r18"}),
+])
+def test_the_2018_families_are_told_apart_by_stage_kernels(kts, conv1_kt, found):
+    from vmzconv.arch import candidates
+
+    blobs = Blobs("m.pkl", _mixed(kts, conv1_kt))
+    assert {a.name for a in candidates(blobs)} == found
+    if len(found) > 1:
+        with pytest.raises(ArchError, match="every blob shape fits both .* pass --arch"):
+            detect(blobs)
+
+
 @pytest.mark.parametrize("arrays,fragment", [
-    (lambda: _mixed((1, 1, 1, 1), 1), "an R2D model"),
-    (lambda: _mixed((1, 1, 1, 1), 3), "an MC2 model"),
-    (lambda: _mixed((3, 3, 1, 1), 3), "an MC4 model"),
-    (lambda: _mixed((1, 1, 3, 3), 1), "an rMC4 model"),
     (lambda: {"conv1a_w": np.zeros((64, 3, 3, 3, 3), np.float32)}, "a C3D model"),
     (lambda: dict(synth.seeded_blobs("r2plus1d", 18), conv1_middle_w=np.zeros((45, 2, 1, 7, 7), np.float32)),
      "optical-flow model"),

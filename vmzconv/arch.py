@@ -41,9 +41,24 @@ class Family:
     recognise: Callable[[Blobs, set], bool] = field(repr=False, compare=False)
     simple_marker: str | None = None   # blob whose presence means simple blocks (18/34)
     mmaction2: dict | None = None      # MMAction2 backbone config, or None when MMAction2 cannot hold it
+    # VMZ 2018 (create_mcx, create_rmcx, create_r2d, create_r2df): per stage, conv_2x .. conv_5x, the kind of
+    # the block convs: "3d" (3x3x3, strides in time when the stage downsamples) or "2d" (1x3x3, never strides
+    # in time, nor does its shortcut). None: every stage is ``conv_maker``.
+    stages: tuple[str, ...] | None = None
+    stem_kts: tuple[int, ...] = (3, 5)  # conv1 temporal kernels VMZ builds ("clip" stems: any, = clip length)
+    scheme: str | None = None          # blob-naming scheme = the mapping tables it uses (default: its own name)
+    default_kt: int = 3                # conv1's temporal kernel when nothing says otherwise
 
     def arch_names(self) -> tuple[str, ...]:
         return tuple(f"{self.name}_r{d}" for d in self.depths)
+
+    @property
+    def stage_kinds(self) -> tuple[str, ...]:
+        return self.stages or (self.conv_maker,) * 4
+
+    @property
+    def tables(self) -> str:
+        return self.scheme or self.name
 
 
 def _shape(blobs: Blobs, name: str) -> tuple:
@@ -64,19 +79,53 @@ def _is_r2plus1d(blobs: Blobs, names: set) -> bool:
     return "conv1_middle_w" in names
 
 
-def _is_r3d(blobs: Blobs, names: set) -> bool:
-    if "conv1_middle_w" in names or "comp_0_conv_2_middle_w" in names:
-        return False
-    dense = [_shape(blobs, n) for n in ("comp_0_conv_1_w", "comp_0_conv_2_w")]
-    return any(len(s) == 5 and s[1] > 1 and s[2:] == (3, 3, 3) for s in dense)
-
-
 _CSN_PROTOCOL = dict(protocol="mmaction2", clip_len=32, frame_interval=2, num_clips=10, short_side=256, crop_size=256,
                      num_crops=3)
 # VMZ's R(2+1)D/R3D test scripts: 10 uniformly spaced clips, one centre crop of 112 from frames
 # resized to 171x128 (video_res_type 0); clip length 8 or 32 depending on the model.
 _R21D_PROTOCOL = dict(protocol="vmz", clip_len=8, frame_interval=1, num_clips=10, short_side=128, crop_size=112,
                       num_crops=1, resize=[171, 128])
+
+def _plain_stage_kinds(blobs: Blobs, names: set) -> tuple[str, ...] | None:
+    """Per stage, "3d" or "2d" from the temporal kernel of its block convs (VMZ's comp_* names shared by
+    R3D and the 2018 families); None when the stages mix kernels or the block count fits no depth."""
+    layers = next((v for v in BLOCKS.values() if sum(v) == _block_count(names)), None)
+    if layers is None:
+        return None
+    kinds, first = [], 0
+    for n in layers:
+        kts = {s[2] for j in range(first, first + n) for c in (1, 2, 3)
+               if len(s := _shape(blobs, f"comp_{j}_conv_{c}_w")) == 5 and s[3:] == (3, 3)}
+        if kts not in ({3}, {1}):
+            return None
+        kinds.append("3d" if kts == {3} else "2d")
+        first += n
+    return tuple(kinds)
+
+
+def _plain(kinds: tuple[str, ...], stem_kts: tuple[int, ...] | None):
+    """Recognises a family of VMZ's plain (comp_*, no middle, no channel-wise) networks by its stage kinds
+    and the stem's temporal kernel (``None``: any kernel, a "clip" stem)."""
+    def recognise(blobs: Blobs, names: set) -> bool:
+        if "conv1_middle_w" in names or "comp_0_conv_2_middle_w" in names or _is_ircsn(blobs, names):
+            return False
+        stem = _shape(blobs, "conv1_w")
+        return (_plain_stage_kinds(blobs, names) == kinds and len(stem) == 5
+                and (stem_kts is None or stem[2] in stem_kts))
+    return recognise
+
+
+_MC = {k: tuple("3d" if i < k - 2 else "2d" for i in range(4)) for k in (2, 3, 4, 5)}       # create_mcx
+_RMC = {k: tuple("2d" if i < k - 2 else "3d" for i in range(4)) for k in (2, 3, 4, 5)}      # create_rmcx
+_2018 = dict(depths=(18, 34), simple_marker="!comp_0_conv_3_w")
+
+
+def _family_2018(name: str, title: str, stem: str, kinds: tuple[str, ...], kts: tuple[int, ...],
+                 default_kt: int) -> "Family":
+    return Family(name, title, _2018["depths"], "3d", stem, False, _R21D_PROTOCOL, (8, 112),
+                  _plain(kinds, kts), simple_marker=_2018["simple_marker"],
+                  stages=kinds, stem_kts=kts, scheme="r3d", default_kt=default_kt)
+
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("ircsn", "ir-CSN", (50, 101, 152), "channelwise", "3d", True, _CSN_PROTOCOL, (8, 224), _is_ircsn,
@@ -85,11 +134,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            mmaction2=dict(type="ResNet3dCSN", bottleneck_mode="ip")),
     Family("r2plus1d", "R(2+1)D", (18, 34, 50, 101, 152), "2plus1d", "2plus1d", False, _R21D_PROTOCOL, (8, 112),
            _is_r2plus1d, simple_marker="comp_0_conv_1_middle_w"),
-    Family("r3d", "R3D", (18, 34, 50, 101, 152), "3d", "3d", False, _R21D_PROTOCOL, (8, 112), _is_r3d,
+    Family("r3d", "R3D", (18, 34, 50, 101, 152), "3d", "3d", False, _R21D_PROTOCOL, (8, 112), _plain(("3d",) * 4, (3, 5)),
            simple_marker="!comp_0_conv_3_w",
            mmaction2=dict(type="ResNet3d", pretrained2d=False, conv1_kernel=(3, 7, 7), conv1_stride_t=1,
                           pool1_stride_t=1, with_pool1=False, with_pool2=False, inflate=(1, 1, 1, 1),
                           inflate_style="3x3x3", spatial_strides=(1, 2, 2, 2), temporal_strides=(1, 2, 2, 2))),
+    # VMZ 2018 ("A Closer Look at Spatiotemporal Convolutions"): R3D's blob names, other conv kinds per stage.
+    # R2D's conv1 spans the clip, unpadded in time; on 1-frame clips it is fR2D op for op, so kernel 1 is fR2D's
+    _family_2018("r2d", "R2D", "clip", ("2d",) * 4, tuple(range(2, 65)), 8),
+    _family_2018("r2df", "fR2D", "3d", ("2d",) * 4, (1,), 1),                  # frame-wise 2-D, pooled over time
+    *(_family_2018(f"mc{k}", f"MC{k}", "3d", _MC[k], (3,), 3) for k in (2, 3, 4, 5)),
+    *(_family_2018(f"rmc{k}", f"rMC{k}", "3d", _RMC[k], (1,), 1) for k in (2, 3, 4, 5)),
 )}
 ARCH_NAMES = tuple(n for f in FAMILIES.values() for n in f.arch_names())
 
@@ -99,23 +154,46 @@ class Arch:
     family: str            # a key of FAMILIES
     depth: int
     num_classes: int       # from last_out_L{N}
-    conv1_kt: int = 3      # temporal kernel of the stem's (temporal) conv
+    conv1_kt: int | None = None     # temporal kernel of the stem's (temporal) conv; None: the family's usual
 
     def __post_init__(self):
         for field_name in ("depth", "num_classes", "conv1_kt"):
             v = getattr(self, field_name)
+            if v is None and field_name == "conv1_kt":
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ArchError(f"{field_name} must be a positive integer, not {str(v)[:40]!r}")
-        if self.conv1_kt not in (1, 3, 5) or self.num_classes > 1_000_000:
-            raise ArchError(f"implausible {self.conv1_kt=}, {self.num_classes=}")
+        if self.num_classes > 1_000_000:
+            raise ArchError(f"implausible {self.num_classes=}")
         if self.family not in FAMILIES:
             raise ArchError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
-        if self.depth not in FAMILIES[self.family].depths:
-            raise ArchError(f"{FAMILIES[self.family].title} has no depth {self.depth}")
+        fam = FAMILIES[self.family]
+        if self.depth not in fam.depths:
+            raise ArchError(f"{fam.title} has no depth {self.depth}")
+        if self.conv1_kt is None:
+            object.__setattr__(self, "conv1_kt", fam.default_kt)
+        if self.conv1_kt not in fam.stem_kts:
+            raise ArchError(f"{fam.title}: conv1 temporal kernel {self.conv1_kt} (VMZ builds "
+                            f"{_kts(fam.stem_kts)})")
 
     @property
     def fam(self) -> Family:
         return FAMILIES[self.family]
+
+    @property
+    def stem_temporal_pad(self) -> int:
+        """VMZ pads conv1 in time by kt // 2, except R2D's, which spans the clip without padding."""
+        return 0 if self.fam.stem == "clip" else self.conv1_kt // 2
+
+    @property
+    def clip_len(self) -> int | None:
+        """The clip length the weights fix (R2D's conv1 spans it), or None."""
+        return self.conv1_kt if self.fam.stem == "clip" else None
+
+    @property
+    def parity_clip(self) -> tuple[int, int]:
+        t, h = self.fam.parity_clip
+        return (self.clip_len or t, h)
 
     @property
     def name(self) -> str:
@@ -140,6 +218,10 @@ class Arch:
 
     def describe(self) -> str:
         return f"{self.name} ({self.num_classes} classes, conv1 temporal kernel {self.conv1_kt})"
+
+
+def _kts(kts: tuple[int, ...]) -> str:
+    return f"{kts[0]} to {kts[-1]}" if len(kts) > 3 else " or ".join(map(str, kts))
 
 
 def parse_arch_name(name: str) -> tuple[str, int]:
@@ -178,29 +260,14 @@ def _refuse_other_models(blobs: Blobs, names: set) -> None:
 
 
 def _refuse_2d_and_mixed(blobs: Blobs, names: set) -> None:
-    """R2D, MCx and rMCx (VMZ 2018) share R3D's blob names; the temporal kernels of their 3x3
-    convolutions, group by group (conv1, then conv2_x ... conv5_x), give them away."""
-    if _is_ircsn(blobs, names) or _is_ipcsn(blobs, names):
+    """R2D, MCx and rMCx networks vmzconv has no family for (bottleneck depths): named, refused."""
+    kinds = _plain_stage_kinds(blobs, names)
+    if kinds is None or kinds == ("3d",) * 4 or "conv1_middle_w" in names:
         return
-    layers = next((v for v in BLOCKS.values() if sum(v) == _block_count(names)), None)
-    if layers is None:
+    if any(f.recognise(blobs, names) for f in FAMILIES.values()):
         return
-    groups = [_shape(blobs, "conv1_w")[2]]
-    first = 0
-    for n in layers:
-        kts = {s[2] for j in range(first, first + n) for c in (1, 2, 3)
-               if len(s := _shape(blobs, f"comp_{j}_conv_{c}_w")) == 5 and s[3:] == (3, 3)}
-        groups.append(max(kts) if kts else 0)
-        first += n
-    src = blobs.source
-    if all(g <= 1 for g in groups):
-        raise ArchError(f"{src}: an R2D model (every convolution 2-D, temporal kernel 1) — not supported")
-    if groups[0] > 1 and 1 in groups:
-        k = groups.index(1) + 1
-        raise ArchError(f"{src}: an MC{k} model (3-D convolutions below conv{k}_x, 2-D from there) — not supported")
-    if groups[0] == 1:
-        k = next(i for i, g in enumerate(groups) if g > 1) + 1
-        raise ArchError(f"{src}: an rMC{k} model (2-D convolutions below conv{k}_x, 3-D from there) — not supported")
+    raise ArchError(f"{blobs.source}: a VMZ 2018 model with stages {'/'.join(kinds)} at a depth vmzconv does not "
+                    "convert (R2D, fR2D, MCx and rMCx: depth 18 and 34)")
 
 
 def _block_count(names: set) -> int:
@@ -209,21 +276,43 @@ def _block_count(names: set) -> int:
 
 
 def detect(blobs: Blobs) -> Arch:
-    """Family, depth, classes and stem kernel of the VMZ model that ``blobs`` hold."""
+    """Family, depth, classes and stem kernel of the VMZ model that ``blobs`` hold. Where the blobs fit
+    two families alike (R2D on 3-frame clips and MC2) a released file's name decides, else it asks for --arch."""
+    found = candidates(blobs)
+    if len(found) > 1:                    # a released file's name settles it (VMZ's models.md names them)
+        from . import zoo
+
+        entry = zoo.lookup(blobs.source)
+        named = [a for a in found if entry and entry["arch"] == a.name]
+        if named:
+            return named[0]
+        names = " and ".join(f"{a.fam.title} ({a.name})" for a in found)
+        raise ArchError(f"{blobs.source}: every blob shape fits both {names}; pass --arch "
+                        + " or --arch ".join(a.name for a in found))
+    return found[0]
+
+
+def candidates(blobs: Blobs) -> list[Arch]:
+    """Every (family, depth, classes, stem kernel) the blobs fit: one, or two where shapes cannot tell."""
     names = set(blobs.names())
     src = blobs.source
     _refuse_other_models(blobs, names)
-    fam = next((f for f in FAMILIES.values() if f.recognise(blobs, names)), None)
-    if fam is None:
+    fams = [f for f in FAMILIES.values() if f.recognise(blobs, names)]
+    if not fams:
         raise ArchError(f"{src}: block 0 matches none of the VMZ families vmzconv knows "
                         f"({', '.join(f.title for f in FAMILIES.values())})")
+    return [_arch_of(blobs, names, fam) for fam in fams]
+
+
+def _arch_of(blobs: Blobs, names: set, fam: Family) -> Arch:
+    src = blobs.source
     stem = _shape(blobs, "conv1_w")
     want = (64, 45, None, 1, 1) if fam.stem == "2plus1d" else (64, 3, None, 7, 7)
     if len(stem) != 5 or any(w is not None and s != w for s, w in zip(stem, want)):
         shown = "[" + ", ".join("kT" if w is None else str(w) for w in want) + "]"
         raise ArchError(f"{src}: conv1_w has shape {list(stem)}, a {fam.title} stem needs {shown}")
-    if stem[2] not in (3, 5):
-        raise ArchError(f"{src}: conv1_w temporal kernel {stem[2]} (VMZ allows 3 or 5)")
+    if stem[2] not in fam.stem_kts:
+        raise ArchError(f"{src}: conv1_w temporal kernel {stem[2]} (VMZ's {fam.title} has {_kts(fam.stem_kts)})")
     indices = {int(m.group(1)) for n in names if (m := re.match(r"comp_(\d+)_", n))}
     if not indices:
         raise ArchError(f"{src}: no residual blocks (comp_*) found")
@@ -238,7 +327,7 @@ def detect(blobs: Blobs) -> Arch:
     kind = "simple" if simple else "bottleneck"
     depth = next((d for d in fam.depths if block_kind(d) == kind and sum(BLOCKS[d]) == count), None)
     if depth is None or len(indices) != count:
-        known = ", ".join(f"{d}: {sum(BLOCKS[d])}" for d in fam.depths if block_kind(d) == kind)
+        known = ", ".join(f"{d}: {sum(BLOCKS[d])}" for d in fam.depths if block_kind(d) == kind) or "none"
         raise ArchError(f"{src}: {len(indices)} {kind} {fam.title} blocks numbered up to {max(indices)}; "
                         f"depths have ({known}) blocks")
     heads = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"last_out_L(\d+)_w", n)))
@@ -249,11 +338,14 @@ def detect(blobs: Blobs) -> Arch:
 
 
 def resolve(blobs: Blobs, requested: str = "auto") -> Arch:
-    """The detected arch, checked against ``requested`` unless it is ``auto``."""
-    detected = detect(blobs)
+    """The detected arch, checked against ``requested`` unless it is ``auto`` (which also settles the
+    families whose blobs look alike)."""
     if requested in (None, "", "auto"):
-        return detected
+        return detect(blobs)
     family, depth = parse_arch_name(requested)
-    if (family, depth) != (detected.family, detected.depth):
-        raise ArchError(f"{blobs.source}: --arch {requested} does not match the blobs: they look like {detected.describe()}")
-    return detected
+    found = candidates(blobs)
+    for a in found:
+        if (a.family, a.depth) == (family, depth):
+            return a
+    shown = " or ".join(a.describe() for a in found)
+    raise ArchError(f"{blobs.source}: --arch {requested} does not match the blobs: they look like {shown}")

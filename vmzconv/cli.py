@@ -357,8 +357,9 @@ def config(ckpt, mode, num_classes, ann_train, ann_val, data_root):
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the zoo as JSON.")
 def zoo(as_json):
-    """List the known VMZ pickles (ir/ip-CSN, R(2+1)D): arch, classes, pretraining, what file each
-    becomes, the normalisation its MMAction2 config uses, and the published accuracy."""
+    """List the known VMZ pickles (ir/ip-CSN, R(2+1)D, R3D, and the 2018 R2D, fR2D, MCx, rMCx): arch,
+    classes, pretraining, what file each becomes, the normalisation its MMAction2 config uses, and the
+    published accuracy (VMZ's video@1/@5; MMAction2's re-measurements where they exist)."""
     from .zoo import entries
 
     rows = [dict(e) for e in entries()]

@@ -48,7 +48,8 @@ def _card(path: str | Path) -> tuple[dict, arch_mod.Arch]:
         raise InputError(f"{path}: no vmzconv meta (arch, target) in this file; configs are printed for files "
                          "vmzconv converted")
     family, depth = arch_mod.parse_arch_name(meta["arch"])
-    return meta, arch_mod.Arch(family, depth, int(meta["num_classes"]), int(meta.get("conv1_temporal_kernel", 3)))
+    kt = meta.get("conv1_temporal_kernel")
+    return meta, arch_mod.Arch(family, depth, int(meta["num_classes"]), None if kt is None else int(kt))
 
 
 def _backbone(a: arch_mod.Arch, pretrained: str | None, frozen_bn: bool) -> dict:

@@ -41,6 +41,8 @@ def input_spec(a: arch_mod.Arch) -> dict:
     spec = {"channel_order": "RGB", "layout": "NCTHW", "value_range": "0-255", "mean": list(norm["mean"]),
             "std": list(norm["std"])}
     spec.update(a.fam.protocol)
+    if a.clip_len:                      # R2D: conv1 spans the clip, so the weights fix its length
+        spec["clip_len"] = a.clip_len
     views = a.fam.protocol["num_clips"] * a.fam.protocol["num_crops"]
     spec["aggregation"] = f"softmax per view, mean over the {views} views"
     return spec
@@ -84,7 +86,9 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
             "matched_by": "file name only (case-insensitive, or its f<id>): unverified, since no sha256 of the "
                           "released files is known; a renamed file would be carded the same",
         }
-        if "clip_len" in entry:                        # e.g. R(2+1)D-34 clip 8 vs clip 32
+        if entry.get("protocol_note"):
+            meta["zoo"]["protocol_note"] = entry["protocol_note"]
+        if "clip_len" in entry and not a.clip_len:     # e.g. R(2+1)D-34 clip 8 vs clip 32 (R2D: its weights say)
             meta["input"]["clip_len"] = int(entry["clip_len"])
     return meta
 
@@ -193,12 +197,12 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
     if check_parity:
         step("parity")
         head = mapped.dropped if not get_target(target).has_head else None
-        verdict = parity.run(blobs, a, model, head=head, clip_size=parity_clip or a.fam.parity_clip,
+        verdict = parity.run(blobs, a, model, head=head, clip_size=parity_clip or a.parity_clip,
                              tolerance=tolerance)
         parity.require(verdict, str(src))
     if consumer:
         step("consumer")
-        v = check_consumer(target, a, mapped.state_dict, blobs, parity_clip or a.fam.parity_clip, tolerance)
+        v = check_consumer(target, a, mapped.state_dict, blobs, parity_clip or a.parity_clip, tolerance)
         if not v.passed:
             raise CheckError(f"--check-consumer: {target}'s own model, built as the card says, does not compute "
                              f"what Caffe2 computes — {v.reason}; nothing was written")
@@ -233,7 +237,7 @@ def parity_of(src: str | Path, converted: str | Path, clip=None, tolerance: floa
     if not conv.target.has_head:
         table = mapping.load_table(mapping.builtin_table_path(a.family, conv.target.name))
         head = {role: blobs[b] for b, role in mapping.expand(table, a).dropped.items()}
-    clip = clip or a.fam.parity_clip
+    clip = clip or a.parity_clip
     if trace:
         return a, conv.target.name, parity.trace(blobs, a, conv.model, head, clip, trace_tolerance, tolerance)
     return a, conv.target.name, parity.run(blobs, a, conv.model, head=head, clip_size=clip, tolerance=tolerance)

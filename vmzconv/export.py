@@ -124,7 +124,7 @@ def export(ckpt: str | Path, out: str | Path, output: str = "logits", clip: tupl
         raise VmzconvError(f"--opset {opset}: this exporter writes opsets {MIN_OPSET}-{top}")
     names = ["logits", "features"] if output == "both" else [output]
     module = Heads(conv.model, output)
-    t, h = clip or conv.arch.fam.parity_clip
+    t, h = clip or conv.arch.parity_clip
     base = parity.fixed_clip(t, h)
     clips = [base, parity.fixed_clip(t, h, n=2)]
     if dynamic:

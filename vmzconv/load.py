@@ -55,7 +55,7 @@ def check_card(path, meta: dict) -> None:
             bad(key, f"is a {type(meta[key]).__name__}, not a string")
     if "target" in meta and meta["target"] not in TARGETS:
         bad("target", f"names no known layout ({short_repr(meta['target'])})")
-    for key, top in (("num_classes", 1_000_000), ("conv1_temporal_kernel", 5), ("depth", 1000)):
+    for key, top in (("num_classes", 1_000_000), ("conv1_temporal_kernel", 64), ("depth", 1000)):
         if key in meta:
             v = meta[key]
             if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top):
@@ -91,7 +91,8 @@ def check_card(path, meta: dict) -> None:
 def _arch_from_meta(path, meta: dict) -> Arch:
     try:
         family, depth = parse_arch_name(meta["arch"])
-        return Arch(family, depth, int(meta["num_classes"]), int(meta.get("conv1_temporal_kernel", 3)))
+        kt = meta.get("conv1_temporal_kernel")
+        return Arch(family, depth, int(meta["num_classes"]), None if kt is None else int(kt))
     except (ArchError, KeyError, TypeError, ValueError):
         raise InputError(f"{path}: its vmzconv meta names an arch this version does not know "
                          f"({str(meta.get('arch'))[:60]!r})") from None
@@ -103,7 +104,7 @@ def _arch_from_keys(path, state, target: Target, arch: Arch | str) -> Arch:
     family, depth = parse_arch_name(arch)
     two_step = FAMILIES[family].stem == "2plus1d" and target.stem_temporal_key
     stem = state.get(target.stem_temporal_key if two_step else target.stem_key)
-    kt = int(stem.shape[2]) if stem is not None and stem.ndim == 5 else 3
+    kt = int(stem.shape[2]) if stem is not None and stem.ndim == 5 else None
     classes = 0
     if target.head_keys:
         head = state.get(target.head_keys[0])

@@ -34,7 +34,11 @@ def mappings_dir() -> Path:
 
 
 def builtin_table_path(family: str, target: str) -> Path:
-    path = mappings_dir() / f"{family}.{target}.toml"
+    """The built-in table for a family's blob-naming scheme (the 2018 families share R3D's) and a layout."""
+    from .arch import FAMILIES
+
+    scheme = FAMILIES[family].tables if family in FAMILIES else family
+    path = mappings_dir() / f"{scheme}.{target}.toml"
     if not path.is_file():
         raise MappingError(f"no built-in mapping table for {family} -> {target} ({path.name})")
     return path
@@ -197,8 +201,9 @@ class Mapped:
 
 def apply(table: Table, arch: Arch, blobs: Blobs, expected: "OrderedDict[str, torch.Tensor]") -> Mapped:
     """Fill ``expected`` (a model's state_dict) from ``blobs`` through ``table``."""
-    if table.family != arch.family:
-        raise MappingError(f"mapping table {table.name} is for {table.family}, the blobs are {arch.name}")
+    if table.family != arch.fam.tables:
+        raise MappingError(f"mapping table {table.name} is for {table.family}, the blobs are {arch.name}"
+                           + ("" if arch.fam.tables == arch.family else f" ({arch.fam.tables} names)"))
     plan = expand(table, arch)
     src = blobs.source
     seen_blobs: dict[str, str] = {}

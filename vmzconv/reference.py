@@ -17,7 +17,9 @@ tables, no PyTorch model. Op semantics follow Caffe2:
 * MaxPool ``pool1`` (CSN only): kernel (1,3,3), stride (1,2,2), pad (0,1,1).
 * Strides: the first block of layers 2-4 strides 2 in T, H and W (on its spatiotemporal conv
   and its shortcut; the spatial part of a (2+1)-D conv takes the H/W stride, the temporal part
-  the T stride).
+  the T stride). The 2018 families (R2D, fR2D, MCx, rMCx) build some stages from 1x3x3 convs
+  (``add_simple_block(is_real_3d=False)``): those never stride in time, nor do their shortcuts.
+  R2D's conv1 spans the clip (kernel = clip length) with no temporal padding.
 * Head: average over T, H, W (VMZ's ``final_avg`` at the default clip is exactly this; for other
   clip sizes parity compares under global pooling), then FC.
 
@@ -40,7 +42,14 @@ DEEP = ((256, 64), (512, 128), (1024, 256), (2048, 512))
 STEM_WIDTH = 64
 R2PLUS1D_STEM_MIDDLE = 45
 BN_SUFFIXES = ("_s", "_b", "_rm", "_riv")
-FAMILIES = ("ircsn", "ipcsn", "r2plus1d", "r3d")
+# VMZ 2018 (create_r2d, create_r2df, create_mcx, create_rmcx): R3D's blob names, with each stage's simple
+# blocks 3x3x3 ("3") or 1x3x3 ("2", add_simple_block(is_real_3d=False): no temporal stride, shortcut too).
+STAGES = {"r3d": "3333", "r2d": "2222", "r2df": "2222", "mc2": "2222", "mc3": "3222", "mc4": "3322", "mc5": "3332",
+          "rmc2": "3333", "rmc3": "2333", "rmc4": "2233", "rmc5": "2223"}
+# conv1's temporal kernel where the graph code fixes it (create_mcx 3, create_rmcx / create_r2df 1; create_r2d
+# takes the clip length, 8 by default here); R3D, R(2+1)D and CSN take conv1_temporal_kernel 3 or 5.
+STEM_KT = {"r2d": 8, "r2df": 1, "rmc2": 1, "rmc3": 1, "rmc4": 1, "rmc5": 1}
+FAMILIES = ("ircsn", "ipcsn", "r2plus1d", *STAGES)
 CSN = ("ircsn", "ipcsn")
 
 
@@ -92,12 +101,17 @@ def _conv_bn(conv: str, bn: str, shape: tuple) -> list[tuple[str, tuple]]:
     return [(conv, shape)] + _bn(bn, shape[0])
 
 
-def _block_specs(family: str, b: Block) -> list[tuple[str, tuple]]:
+def _stage_of(depth: int, index: int) -> int:
+    return next(i for i, end in enumerate(np.cumsum(BLOCK_CONFIG[depth])) if index < end)
+
+
+def _block_specs(family: str, b: Block, depth: int = 18) -> list[tuple[str, tuple]]:
     p = f"comp_{b.index}_"
     if b.simple:
-        if family == "r3d":
-            return (_conv_bn(p + "conv_1_w", p + "spatbn_1", (b.dim_out, b.dim_in, 3, 3, 3))
-                    + _conv_bn(p + "conv_2_w", p + "spatbn_2", (b.dim_out, b.dim_out, 3, 3, 3)))
+        if family in STAGES:
+            kt = 3 if STAGES[family][_stage_of(depth, b.index)] == "3" else 1
+            return (_conv_bn(p + "conv_1_w", p + "spatbn_1", (b.dim_out, b.dim_in, kt, 3, 3))
+                    + _conv_bn(p + "conv_2_w", p + "spatbn_2", (b.dim_out, b.dim_out, kt, 3, 3)))
         m1, m2 = middle(b.dim_in, b.dim_out), middle(b.dim_out, b.dim_out)
         return (_conv_bn(p + "conv_1_middle_w", p + "spatbn_1_middle", (m1, b.dim_in, 1, 3, 3))
                 + _conv_bn(p + "conv_1_w", p + "spatbn_1", (b.dim_out, m1, 3, 1, 1))
@@ -120,12 +134,15 @@ def _block_specs(family: str, b: Block) -> list[tuple[str, tuple]]:
     return specs + _conv_bn(p + "conv_3_w", p + "spatbn_3", (b.dim_out, b.base, 1, 1, 1))
 
 
-def blob_specs(family: str, depth: int, classes: int, conv1_kt: int = 3) -> list[tuple[str, tuple]]:
+def blob_specs(family: str, depth: int, classes: int, conv1_kt: int | None = None) -> list[tuple[str, tuple]]:
     """Every parameter blob (name, shape) a VMZ ``family`` checkpoint holds, in graph order."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     if family in CSN and depth in (18, 34):
         raise ValueError("CSN exists only as a bottleneck network (depth 50, 101, 152)")
+    if family in STAGES and family != "r3d" and depth not in (18, 34):
+        raise ValueError("the 2018 families are built here at depth 18 and 34 (simple blocks)")
+    conv1_kt = conv1_kt or STEM_KT.get(family, 3)
     if family == "r2plus1d":
         m = R2PLUS1D_STEM_MIDDLE
         specs = (_conv_bn("conv1_middle_w", "conv1_middle_spatbn_relu", (m, 3, 1, 7, 7))
@@ -133,7 +150,7 @@ def blob_specs(family: str, depth: int, classes: int, conv1_kt: int = 3) -> list
     else:
         specs = _conv_bn("conv1_w", "conv1_spatbn_relu", (STEM_WIDTH, 3, conv1_kt, 7, 7))
     for b in blocks(depth):
-        specs += _block_specs(family, b)
+        specs += _block_specs(family, b, depth)
         if b.projection:
             q = f"shortcut_projection_{b.index}"
             specs += _conv_bn(q + "_w", q + "_spatbn", (b.dim_out, b.dim_in, 1, 1, 1))
@@ -145,10 +162,11 @@ def blob_specs(family: str, depth: int, classes: int, conv1_kt: int = 3) -> list
 # -- ops (NCTHW, float64) ------------------------------------------------------
 
 
-def conv_pointwise(x: np.ndarray, w: np.ndarray, stride: int = 1) -> np.ndarray:
-    """1x1x1 conv; the stride subsamples T, H and W."""
-    if stride != 1:
-        x = x[:, :, ::stride, ::stride, ::stride]
+def conv_pointwise(x: np.ndarray, w: np.ndarray, stride: int = 1, t_stride: int | None = None) -> np.ndarray:
+    """1x1x1 conv; the stride subsamples H and W, and T (by ``t_stride`` when given)."""
+    t_stride = stride if t_stride is None else t_stride
+    if stride != 1 or t_stride != 1:
+        x = x[:, :, ::t_stride, ::stride, ::stride]
     n, c, t, h, wd = x.shape
     out = np.matmul(w.reshape(w.shape[0], c), x.reshape(n, c, t * h * wd))
     return out.reshape(n, w.shape[0], t, h, wd)
@@ -230,12 +248,15 @@ def _w(blobs, name: str) -> np.ndarray:
     return np.asarray(blobs[name], dtype=np.float64)
 
 
-def _block(x: np.ndarray, blobs, family: str, b: Block) -> np.ndarray:
+def _block(x: np.ndarray, blobs, family: str, b: Block, depth: int = 18) -> np.ndarray:
     p = f"comp_{b.index}_"
     s = b.stride
-    if b.simple and family == "r3d":
-        y = _bn_relu(conv_dense(x, _w(blobs, p + "conv_1_w"), (s,) * 3, (1,) * 3), blobs, p + "spatbn_1")
-        y = _bn_relu(conv_dense(y, _w(blobs, p + "conv_2_w"), (1,) * 3, (1,) * 3), blobs, p + "spatbn_2", False)
+    ts = s                                    # the stride in time: none in a 2-D stage (nor its shortcut)
+    if b.simple and family in STAGES:
+        real_3d = STAGES[family][_stage_of(depth, b.index)] == "3"
+        ts, tp = (s, 1) if real_3d else (1, 0)
+        y = _bn_relu(conv_dense(x, _w(blobs, p + "conv_1_w"), (ts, s, s), (tp, 1, 1)), blobs, p + "spatbn_1")
+        y = _bn_relu(conv_dense(y, _w(blobs, p + "conv_2_w"), (1, 1, 1), (tp, 1, 1)), blobs, p + "spatbn_2", False)
     elif b.simple:
         y = _conv_2plus1d(x, blobs, p + "conv_1", p + "spatbn_1", s, True)
         y = _conv_2plus1d(y, blobs, p + "conv_2", p + "spatbn_2", 1, False)
@@ -257,7 +278,7 @@ def _block(x: np.ndarray, blobs, family: str, b: Block) -> np.ndarray:
         y = _bn_relu(conv_pointwise(y, _w(blobs, p + f"conv_{last}_w")), blobs, p + f"spatbn_{last}", False)
     if b.projection:
         q = f"shortcut_projection_{b.index}"
-        x = spatial_bn(conv_pointwise(x, _w(blobs, q + "_w"), s), blobs, q + "_spatbn")
+        x = spatial_bn(conv_pointwise(x, _w(blobs, q + "_w"), s, ts), blobs, q + "_spatbn")
     return relu(x + y)
 
 
@@ -268,8 +289,9 @@ def stages(blobs: Mapping[str, np.ndarray], family: str, depth: int, clip: np.nd
     if family == "r2plus1d":
         x = _bn_relu(conv_dense(x, _w(blobs, "conv1_middle_w"), (1, 2, 2), (0, 3, 3)), blobs, "conv1_middle_spatbn_relu")
         x = _bn_relu(conv_dense(x, _w(blobs, "conv1_w"), (1, 1, 1), (kt // 2, 0, 0)), blobs, "conv1_spatbn_relu")
-    else:
-        x = _bn_relu(conv_dense(x, _w(blobs, "conv1_w"), (1, 2, 2), (kt // 2, 3, 3)), blobs, "conv1_spatbn_relu")
+    else:                      # create_r2d's conv1 spans the clip with no temporal padding
+        pad = 0 if family == "r2d" else kt // 2
+        x = _bn_relu(conv_dense(x, _w(blobs, "conv1_w"), (1, 2, 2), (pad, 3, 3)), blobs, "conv1_spatbn_relu")
     if family in CSN:          # VMZ's CSN scripts run with use_pool1=1; R(2+1)D/R3D never do
         x = max_pool_133(x)
     yield "stem", x
@@ -278,7 +300,7 @@ def stages(blobs: Mapping[str, np.ndarray], family: str, depth: int, clip: np.nd
     for b in blocks(depth):
         layer = layer_of[b.index]
         first.setdefault(layer, b.index)
-        x = _block(x, blobs, family, b)
+        x = _block(x, blobs, family, b, depth)
         yield f"layer{layer}.{b.index - first[layer]}", x
 
 

@@ -61,7 +61,7 @@ def graph_file(conv, output: str, cache: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OSError(f"cannot create the graph cache {folder}: {e.strerror or e}") from None
-    t, h = conv.arch.fam.parity_clip
+    t, h = conv.arch.parity_clip
     proto = graph.to_onnx(graph.Heads(conv.model, output), parity.fixed_clip(t, h), [output], True, opset)
     data = proto.SerializeToString()
     write_atomic(path, lambda f: f.write(data))
@@ -118,7 +118,7 @@ def prove(engine: Engine, conv, output: str) -> dict:
     """``engine`` against the PyTorch model on the fixed parity clip (batch 2)."""
     from . import parity
 
-    t, h = conv.arch.fam.parity_clip
+    t, h = conv.arch.parity_clip
     x = torch.from_numpy(parity.fixed_clip(t, h, n=2))
     model = conv.model.eval()
     with torch.inference_mode():

@@ -160,7 +160,8 @@ def write_vmz_pickle(path: str | Path, arrays: dict[str, np.ndarray], wrap: bool
     return path
 
 
-def seeded_blobs(family: str, depth: int, classes: int = 400, seed: int = 0, conv1_kt: int = 3) -> dict[str, np.ndarray]:
+def seeded_blobs(family: str, depth: int, classes: int = 400, seed: int = 0,
+                 conv1_kt: int | None = None) -> dict[str, np.ndarray]:
     """Random but well-scaled VMZ blobs: He-scaled convs, BN near identity, positive variances."""
     rng = np.random.default_rng(seed)
     out = {}

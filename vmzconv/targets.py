@@ -23,6 +23,12 @@ _MM_R21D = ("MMAction2's ResNet2Plus1d builds its (2+1)-D convs with Conv2plus1d
             "its own formula per conv pair (stem: 83, VMZ: 45) and whose convs carry biases, so no stock "
             "MMAction2 config holds VMZ's R(2+1)D weights; use --target torchvision")
 
+_2018 = ("r2d", "r2df", "mc2", "mc3", "mc4", "mc5", "rmc2", "rmc3", "rmc4", "rmc5")
+_MM_2018 = ("VMZ's 2018 families are written in torchvision's VideoResNet layout only: no MMAction2 config "
+            "holding them has been built and checked (R2D's unpadded clip-long conv1 fits no MMAction2 ResNet3d "
+            "stem); use --target torchvision")
+_PTV_2018 = "pytorchvideo has no model with per-stage 2-D/3-D convolutions; use --target torchvision"
+
 
 @dataclass(frozen=True)
 class Target:
@@ -44,11 +50,11 @@ class Target:
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("mmaction2", "mmaction2", True, ("cls_head.fc_cls.weight", "cls_head.fc_cls.bias"),
            "backbone.conv1.conv.weight", lambda k: "backbone.conv1.conv.weight" in k,
-           {"r2plus1d": _MM_R21D},
+           {"r2plus1d": _MM_R21D} | dict.fromkeys(_2018, _MM_2018),
            "MMAction2 Recognizer3D (ResNet3dCSN / ResNet3d + I3DHead; load_from=)"),
     Target("mmaction2-backbone", "mmaction2_backbone", False, None, "conv1.conv.weight",
            lambda k: "conv1.conv.weight" in k and "layer1.0.conv1.conv.weight" in k,
-           {"r2plus1d": _MM_R21D},
+           {"r2plus1d": _MM_R21D} | dict.fromkeys(_2018, _MM_2018),
            "the MMAction2 backbone alone (backbone.pretrained=)"),
     Target("torchvision", "torchvision", True, ("fc.weight", "fc.bias"), "stem.0.weight",
            lambda k: "stem.0.weight" in k and "fc.weight" in k, {},
@@ -58,12 +64,13 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            {"ipcsn": "pytorchvideo's create_csn has no interaction-preserved block: its conv_b is a single "
                      "depthwise conv, so ip-CSN's extra 1x1x1 conv + BN has nowhere to go; use --target "
                      "torchvision or mmaction2",
-            "r2plus1d": _PTV_R21D, "r3d": _PTV_R3D},
+            "r2plus1d": _PTV_R21D, "r3d": _PTV_R3D} | dict.fromkeys(_2018, _PTV_2018),
            "pytorchvideo create_csn (ir-CSN only)"),
 )}
 TARGET_NAMES = tuple(TARGETS)
 # The layout each family is written in unless --target says otherwise.
-DEFAULT_TARGET = {"ircsn": "mmaction2", "ipcsn": "mmaction2", "r2plus1d": "torchvision", "r3d": "torchvision"}
+DEFAULT_TARGET = {"ircsn": "mmaction2", "ipcsn": "mmaction2", "r2plus1d": "torchvision", "r3d": "torchvision",
+                  **dict.fromkeys(_2018, "torchvision")}
 
 
 def get_target(name: str) -> Target:
@@ -105,7 +112,7 @@ def recipe(target: str, arch) -> str:
     fam, layers = arch.fam, list(arch.layers)
     block = "BasicBlock" if arch.kind == "simple" else "Bottleneck"
     if target == "torchvision":
-        if fam.name == "r3d" and arch.depth == 18:
+        if fam.name == "r3d" and arch.depth == 18 and arch.conv1_kt == 3:
             build = f"model = torchvision.models.video.r3d_18(num_classes={arch.num_classes})"
             imports = "import torchvision\nfrom torch import nn\n"
             return f"{imports}{build}\n{_EPS_FIX}"
@@ -114,15 +121,31 @@ def recipe(target: str, arch) -> str:
         if fam.name == "r2plus1d":
             head = imports + "R2Plus1dStem\n\n" + _TV_CONV2PLUS1D
             build = f"model = VideoResNet({block}, [Conv2Plus1D] * 4, {layers}, R2Plus1dStem, num_classes={arch.num_classes})"
-        elif fam.name == "r3d":
+        elif fam.name == "r3d" and arch.conv1_kt == 3:
             head = imports + "Conv3DSimple, BasicStem\n"
             build = f"model = VideoResNet({block}, [Conv3DSimple] * 4, {layers}, BasicStem, num_classes={arch.num_classes})"
+        elif fam.name == "mc3" and arch.depth == 18:
+            imports = "import torchvision\nfrom torch import nn\n"
+            build = f"model = torchvision.models.video.mc3_18(num_classes={arch.num_classes})"
+            return f"{imports}{build}\n{_EPS_FIX}"
+        elif fam.conv_maker == "3d":        # R3D with another stem kernel, R2D, fR2D, MCx, rMCx: per-stage kinds
+            kinds = ", ".join("Conv3DSimple" if k == "3d" else "Conv3DNoTemporal" for k in fam.stage_kinds)
+            kt, pad = arch.conv1_kt, arch.stem_temporal_pad
+            head = (imports + "Conv3DSimple, Conv3DNoTemporal\n\n"
+                    "class Stem(nn.Sequential):             # VMZ's conv1: temporal kernel "
+                    f"{kt}, padding {pad}\n"
+                    "    def __init__(self):\n"
+                    f"        super().__init__(nn.Conv3d(3, 64, ({kt}, 7, 7), (1, 2, 2), ({pad}, 3, 3), bias=False),\n"
+                    "                         nn.BatchNorm3d(64), nn.ReLU(inplace=True))\n\n")
+            build = f"model = VideoResNet({block}, [{kinds}], {layers}, Stem, num_classes={arch.num_classes})"
+            return f"{head}{build}\n{_EPS_FIX}"
         else:
             return ("# VMZ's own PyTorch port holds this layout: pt/vmz/models/csn.py "
                     f"({fam.name.replace('csn', '_csn')}_{arch.depth}, num_classes={arch.num_classes}; BN eps 1e-3), "
                     "with torchvision's VideoResNet")
-        if arch.conv1_kt != 3:
-            build += f"\n# conv1 temporal kernel {arch.conv1_kt}: replace the stem's temporal conv accordingly"
+        if arch.conv1_kt != 3:                # R(2+1)D: the stem's temporal conv (its second conv) follows it
+            build += (f"\nmodel.stem[3] = nn.Conv3d(45, 64, ({arch.conv1_kt}, 1, 1), (1, 1, 1), "
+                      f"({arch.conv1_kt // 2}, 0, 0), bias=False)   # conv1 temporal kernel {arch.conv1_kt}")
         return f"{head}{build}\n{_EPS_FIX}"
     if target == "pytorchvideo":
         t, h = fam.protocol["clip_len"], fam.protocol["crop_size"]

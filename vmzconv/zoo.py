@@ -38,4 +38,5 @@ def lookup(filename: str) -> dict | None:
 
 
 def published_accuracy(entry: dict) -> dict:
-    return {k: entry[k] for k in ("vmz_top1", "vmz_top5", "mmaction2_top1", "mmaction2_top5") if k in entry}
+    return {k: entry[k] for k in ("vmz_top1", "vmz_top5", "vmz_clip_top1", "mmaction2_top1", "mmaction2_top5")
+            if k in entry}

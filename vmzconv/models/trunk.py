@@ -9,6 +9,9 @@ spatiotemporal unit (``conv_maker``) and in the stem:
 * ``ip_channelwise`` (ip-CSN): 1x1x1 conv, BN (no ReLU), channel-wise 3x3x3 conv.
 * ``2plus1d`` (R(2+1)D): spatial 1x3x3 conv to VMZ's middle width, BN, ReLU, temporal 3x1x1 conv.
 * ``3d`` (R3D): one dense 3x3x3 conv.
+* ``2d`` (a 2-D stage of R2D, fR2D, MCx, rMCx): one 1x3x3 conv that never strides in time.
+
+A family may give each stage its own maker (``Family.stages``: MC3 = 3d, 2d, 2d, 2d).
 
 A layout (``layouts.py``) then turns these units into modules with the names its library
 uses; the forward pass is the same for all of them (:class:`VideoResNet`).
@@ -94,7 +97,14 @@ def conv_3d(cin: int, cout: int, stride: int, relu: bool) -> Unit:
     return Unit((Conv(cin, cout, _t3(3), _t3(stride), _t3(1)),), (), relu)
 
 
-CONV_MAKERS = {"channelwise": channelwise, "ip_channelwise": ip_channelwise, "2plus1d": conv_2plus1d, "3d": conv_3d}
+def conv_2d(cin: int, cout: int, stride: int, relu: bool) -> Unit:
+    """torchvision's Conv3DNoTemporal: 1x3x3, strides in H and W only."""
+    return Unit((Conv(cin, cout, (1, 3, 3), (1, stride, stride), (0, 1, 1)),), (), relu)
+
+
+CONV_MAKERS = {"channelwise": channelwise, "ip_channelwise": ip_channelwise, "2plus1d": conv_2plus1d, "3d": conv_3d,
+               "2d": conv_2d}
+TEMPORAL_STRIDE = {"2d": False}          # a 2-D stage never strides in time, nor does its shortcut
 
 
 def stem_unit(arch: Arch) -> Unit:
@@ -103,15 +113,16 @@ def stem_unit(arch: Arch) -> Unit:
         m = R2PLUS1D_STEM_MIDDLE
         return Unit((Conv(3, m, (1, 7, 7), (1, 2, 2), (0, 3, 3)),
                      Conv(m, STEM_WIDTH, (kt, 1, 1), (1, 1, 1), (kt // 2, 0, 0))), (True,), True)
-    return Unit((Conv(3, STEM_WIDTH, (kt, 7, 7), (1, 2, 2), (kt // 2, 3, 3)),), (), True)
+    return Unit((Conv(3, STEM_WIDTH, (kt, 7, 7), (1, 2, 2), (arch.stem_temporal_pad, 3, 3)),), (), True)
 
 
 def block_specs(arch: Arch) -> list[list[BlockSpec]]:
     """Per layer, per block: the units and the shortcut, in VMZ's order and widths."""
-    make = CONV_MAKERS[arch.fam.conv_maker]
     widths = SHALLOW if arch.kind == "simple" else DEEP
     layers, cin = [], STEM_WIDTH
     for i, (n, (cout, base)) in enumerate(zip(arch.layers, widths)):
+        kind = arch.fam.stage_kinds[i]
+        make, t_stride = CONV_MAKERS[kind], TEMPORAL_STRIDE.get(kind, True)
         blocks = []
         for j in range(n):
             stride = 2 if (i > 0 and j == 0) else 1
@@ -120,7 +131,8 @@ def block_specs(arch: Arch) -> list[list[BlockSpec]]:
             else:
                 units = (Unit((Conv(cin, base, _t3(1)),)), make(base, base, stride, True),
                          Unit((Conv(base, cout, _t3(1)),), (), False))
-            shortcut = Conv(cin, cout, _t3(1), _t3(stride)) if (stride != 1 or cin != cout) else None
+            short_stride = (stride if t_stride else 1, stride, stride)
+            shortcut = Conv(cin, cout, _t3(1), short_stride) if (stride != 1 or cin != cout) else None
             blocks.append(BlockSpec(units, shortcut))
             cin = cout
         layers.append(blocks)
