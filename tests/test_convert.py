@@ -149,6 +149,7 @@ def test_python_dash_m_entry_point(vmz_pickle, tmp_path):
     assert "PASS" in proc.stdout and out.is_file()
 
 
+@pytest.mark.slow
 def test_written_bytes_do_not_depend_on_threads_jobs_or_command(tmp_path):
     """The same pickle and options give the same checkpoint bytes in `convert` under OMP_NUM_THREADS=1
     and in `bulk -j1` (a worker with 2 threads here) / `-j2` (two with 1): --publish names agree too."""

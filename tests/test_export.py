@@ -36,7 +36,8 @@ def session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("family", ["ircsn", "ipcsn", "r2plus1d"])
+@pytest.mark.parametrize("family", ["ircsn", pytest.param("ipcsn", marks=pytest.mark.slow),
+                                    pytest.param("r2plus1d", marks=pytest.mark.slow)])
 def test_golden_caffe2_logits_through_onnx_runtime(golden_ckpts, cli, tmp_path, family):
     out = tmp_path / f"{family}.onnx"
     res = cli("export", golden_ckpts[family], out, "--json")

@@ -102,8 +102,8 @@ def check_bit_identical(state, family, depth, target, arrays):
 
 
 @pytest.mark.parametrize("family,depth", [
-    ("r2plus1d", 18), ("r2plus1d", 34), ("r2plus1d", 50), ("r3d", 18), ("r3d", 34), ("r3d", 50),
-    ("r2plus1d", 101), ("r3d", 101),
+    ("r2plus1d", 18), ("r2plus1d", 50), ("r3d", 18), ("r3d", 50),
+    *(pytest.param(f, d, marks=pytest.mark.slow) for f in ("r2plus1d", "r3d") for d in (34, 101)),
     pytest.param("r2plus1d", 152, marks=pytest.mark.slow), pytest.param("r3d", 152, marks=pytest.mark.slow),
 ])
 def test_every_new_arch_converts_bit_identically_in_every_layout(vmz_pickle, cli, tmp_path, family, depth):
@@ -303,6 +303,7 @@ def test_zoo_card_of_a_released_r2plus1d_name(vmz_pickle, cli, tmp_path):
     assert card["input"]["crop_size"] == 112 and card["input"]["num_crops"] == 1 and card["input"]["protocol"] == "vmz"
 
 
+@pytest.mark.slow
 def test_bulk_converts_a_mixed_folder(vmz_pickle, tmp_path):
     """Three families through one manifest; two inputs share a base name (rows show their paths relative
     to the input), and no lock file is left behind."""

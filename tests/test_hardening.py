@@ -145,6 +145,7 @@ def test_bulk_reports_a_file_name_that_is_not_utf8(tmp_path):
     assert "caf\\xe9.pkl" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_bulk_survives_a_worker_that_dies(vmz_pickle, tmp_path):
     """kill -9 of the worker mid-file: that file is retried alone, the others go on, no traceback."""
     from .test_new_user import _alive, _children

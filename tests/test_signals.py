@@ -119,8 +119,8 @@ def test_sigint_during_verify_leaves_no_partial_files(vmz_pickle, tmp_path):
     from vmzconv.convert import convert
     from .synthetic import frames, write_video
 
-    ckpt = tmp_path / "ir50.pth"
-    convert(vmz_pickle("ircsn", 50), ckpt, check_parity=False, card=False)
+    ckpt = tmp_path / "r3d18.pth"
+    convert(vmz_pickle("r3d", 18, keep=True), ckpt, check_parity=False, card=False)
     data = tmp_path / "videos"
     data.mkdir()
     lines = []
@@ -132,7 +132,7 @@ def test_sigint_during_verify_leaves_no_partial_files(vmz_pickle, tmp_path):
     (data / "list.txt").write_text("\n".join(lines) + "\n")
     cache, out, rep = tmp_path / "cache", tmp_path / "out.json", tmp_path / "rep.json"
     proc = subprocess.Popen([sys.executable, "-m", "vmzconv", "verify", str(ckpt), "--ann", str(data / "list.txt"),
-                             "--data-root", str(data), "--clip-len", "16", "--num-clips", "4", "--short-side", "96",
+                             "--data-root", str(data), "--clip-len", "8", "--num-clips", "2", "--short-side", "96",
                              "--crop-size", "96", "--workers", "1", "--cache", str(cache), "--out", str(out),
                              "--report", str(rep)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,

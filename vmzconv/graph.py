@@ -79,6 +79,29 @@ def _quiet():
             lg.setLevel(level)
 
 
+LEGACY_OPSET = 17       # the TorchScript-based exporter's graphs for the runtimes' cache
+
+
+def to_onnx_fast(module, clip: np.ndarray, names: list[str], dynamic: bool):
+    """The ONNX ModelProto of ``module`` from torch's TorchScript-based exporter (``dynamo=False``): ~12x
+    faster than the torch.export-based one on these models (0.9 s against 11 s for MC3-18 here), which
+    matters on a runtime's first use. The runtimes prove every graph against PyTorch before they use it;
+    where this exporter is gone or fails, :func:`to_onnx` makes the graph instead."""
+    import onnx
+    import torch
+
+    axes = {0: "batch"} | ({2: "T", 3: "H", 4: "W"} if dynamic else {})
+    buf = io.BytesIO()
+    try:
+        with _quiet():
+            torch.onnx.export(module, (torch.from_numpy(clip),), buf, dynamo=False, opset_version=LEGACY_OPSET,
+                              input_names=["video"], output_names=names,
+                              dynamic_axes={"video": axes} | {n: {0: "batch"} for n in names})
+    except Exception:                   # noqa: BLE001 (any exporter failure: the other exporter decides)
+        return to_onnx(module, clip, names, dynamic, max_exporter_opset())
+    return onnx.load_from_string(buf.getvalue())
+
+
 def to_onnx(module, clip: np.ndarray, names: list[str], dynamic: bool, opset: int):
     """The ONNX ModelProto of ``module`` traced on ``clip``."""
     import torch

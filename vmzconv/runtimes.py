@@ -49,9 +49,8 @@ def graph_file(conv, output: str, cache: Path) -> Path:
     """The cached ONNX graph of ``conv``'s model with output ``output``, exported on first use."""
     from . import graph, parity
 
-    opset = graph.max_exporter_opset()
     key = json.dumps({"checkpoint_sha256": conv.sha256, "arch": conv.arch.name, "target": conv.target.name,
-                      "output": output, "dynamic": True, "opset": opset, "vmzconv": __version__,
+                      "output": output, "dynamic": True, "exporter": "torchscript", "vmzconv": __version__,
                       "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     folder = cache / "graphs"
     path = folder / f"{conv.arch.name}-{output}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.onnx"
@@ -62,7 +61,7 @@ def graph_file(conv, output: str, cache: Path) -> Path:
     except OSError as e:
         raise OSError(f"cannot create the graph cache {folder}: {e.strerror or e}") from None
     t, h = conv.arch.parity_clip
-    proto = graph.to_onnx(graph.Heads(conv.model, output), parity.fixed_clip(t, h), [output], True, opset)
+    proto = graph.to_onnx_fast(graph.Heads(conv.model, output), parity.fixed_clip(t, h), [output], True)
     data = proto.SerializeToString()
     write_atomic(path, lambda f: f.write(data))
     return path
