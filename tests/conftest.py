@@ -19,6 +19,13 @@ HERE = Path(__file__).parent
 # The tests of verify/predict/features run the PyTorch model unless they name a runtime (test_runtimes.py
 # proves the others); ONNX graphs go to a throw-away cache, never to the user's.
 os.environ.setdefault("VMZCONV_RUNTIME", "torch")
+# Under pytest-xdist every worker is a process: with each one's torch (and the commands it runs, which
+# honour OMP_NUM_THREADS) at one thread, the workers do not spin against each other for the cores.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ["VMZCONV_CACHE"] = tempfile.mkdtemp(prefix="vmzconv-test-cache-")
 atexit.register(shutil.rmtree, os.environ["VMZCONV_CACHE"], True)
 GOLDEN = HERE / "golden"

@@ -106,3 +106,30 @@ def test_bulk_makes_no_out_dir_when_it_fails_before_converting(cli, tmp_path, ar
     (tmp_path / "empty").mkdir()
     res = cli("bulk", tmp_path / "empty", tmp_path / "new" / "out", *args)
     assert res.exit_code == 2 and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("family", ["r3d", "r2plus1d"])
+def test_torchvision_cards_build_torchvision_own_model(vmz_pickle, cli, tmp_path, family):
+    """The card's `build` lines for R3D-18 (torchvision's own r3d_18) and R(2+1)D-18 (VideoResNet with the
+    printed Conv2Plus1D), run against torchvision's classes from its wheel: strict load, the same logits."""
+    import numpy as np
+    import torch
+
+    from vmzconv import parity
+    from vmzconv.load import load_converted
+
+    from . import torchvision_video
+
+    if torchvision_video.load() is None:
+        pytest.skip("the torchvision wheel is not in .venv/wheels (the test command downloads it)")
+    out = tmp_path / f"{family}.pth"
+    assert cli("convert", vmz_pickle(family, 18, keep=True), out, "--no-parity").exit_code == 0
+    ns: dict = {}
+    exec(json.loads((tmp_path / f"{family}.pth.json").read_text())["build"], ns)      # noqa: S102 (our card)
+    model = ns["model"].eval()
+    assert type(model).__module__ == "torchvision.models.video.resnet"
+    model.load_state_dict(torch.load(out, weights_only=True)["state_dict"], strict=True)
+    clip = torch.from_numpy(parity.fixed_clip(8, 56))
+    with torch.no_grad():
+        theirs, ours = model(clip).numpy(), load_converted(out).model.eval()(clip).numpy()
+    assert np.abs(theirs - ours).max() <= 1e-5 * np.abs(ours).max()

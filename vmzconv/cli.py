@@ -484,7 +484,8 @@ _RUNTIME_OPTIONS = (
                  help="fp16/bf16: CUDA autocast (with BN folded); bf16 on the CPU with --runtime openvino."),
     click.option("--workers", type=click.IntRange(min=0), help="Decoding worker processes (default: min(4, cores-1))."),
     click.option("--threads", type=click.IntRange(min=1),
-                 help="CPU threads per process (default: cores / processes). Results are reproducible for a fixed value."),
+                 help="CPU threads per process (default: $OMP_NUM_THREADS if set, else cores / processes). Results are "
+                      "reproducible for a fixed value."),
     click.option("--graph-cache", type=click.Path(file_okay=False),
                  help="Folder for the ONNX runtimes' graphs (default: $VMZCONV_CACHE, else ~/.cache/vmzconv)."),
 )

@@ -153,6 +153,15 @@ class Run:
                 "device": str(self.device), "world_size": self.world}
 
 
+def default_threads(world: int = 1) -> int:
+    """CPU threads per process when --threads is not given: OMP_NUM_THREADS when the user set it (a whole
+    number), else the cores shared among the processes."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and 1 <= int(env) <= 4096:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // world)
+
+
 @contextlib.contextmanager
 def open_run(ckpt: str | Path, arch: str | None, rt: RuntimeOptions, output: str = "logits",
              protocol_overrides: dict | None = None, norm: Norm | None = None, needs_head: str | None = None,
@@ -175,7 +184,7 @@ def open_run(ckpt: str | Path, arch: str | None, rt: RuntimeOptions, output: str
         device = _setup_device(rt.device, world)
         if rt.max_views is None:
             rt = replace(rt, max_views=DEFAULT_MAX_VIEWS[device.type])
-        torch.set_num_threads(rt.threads or max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(rt.threads or default_threads(world))
         conv = load_converted(ckpt, arch)
         if (needs_head or output == "logits") and not conv.target.has_head:
             raise InputError(needs_head or f"{ckpt}: a backbone-only ({conv.target.name}) file has no classifier")
