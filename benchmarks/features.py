@@ -1,7 +1,10 @@
 """Feature-extraction throughput on the CPU (and CUDA when present): windows/s end to end, decode and
 model time separately, peak RSS. Demo weights; a synthetic 10-second 320x240 video at 25 fps.
 
-    python benchmarks/features.py [--seconds 10]
+    python benchmarks/features.py [--seconds 10] [--arch ircsn_r152 --arch r2plus1d_r34]
+
+Each run is a fresh process and its time includes opening the run (an ONNX runtime reads and compiles the
+cached graph): use a long enough video for throughput.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ result = dict(windows=n, decode_s=round(decode_s, 2), end_to_end_s=round(wall, 2
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--arch", action="append", choices=[f"{f}_r{d}" for f, d, *_ in CASES],
+                    help="repeatable (default: every case)")
     args = ap.parse_args()
     import torch
 
@@ -61,6 +66,8 @@ def main() -> None:
         print(f"{'arch':<14}{'clip':>9}{'device':>7}{'runtime':>13}{'windows':>9}{'decode s':>10}{'model s':>9}"
               f"{'total s':>9}{'windows/s':>11}{'peak RSS MiB':>14}")
         for fam, depth, L, I, S in CASES:
+            if args.arch and f"{fam}_r{depth}" not in args.arch:
+                continue
             pkl, ckpt = os.path.join(d, f"{fam}{depth}.pkl"), os.path.join(d, f"{fam}{depth}.pth")
             write_pickles([(pkl, fam, depth, 0)])
             run_measured("from vmzconv.convert import convert\nconvert(sys.argv[1], sys.argv[2], check_parity=False)\n"

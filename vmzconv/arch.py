@@ -3,7 +3,9 @@
 One :class:`Family` per VMZ model type holds what is true of that type: its depths, the
 block-conv builder its PyTorch trunk uses, its stem, whether VMZ ran it with ``pool1``, the
 test protocol its published numbers used, and how it is recognised from blob names and
-shapes. Detection asks each family in turn; the older VMZ families are named and refused.
+shapes. Detection asks each family in turn; where two fit the same shapes (R2D on 3-frame clips and
+MC2) a released file name or ``--arch`` decides; C3D, optical-flow and audio-visual files are named and
+refused.
 Adding a family is adding a ``Family`` here (plus its reference graph and mapping tables).
 """
 
@@ -34,7 +36,8 @@ class Family:
     title: str                         # for people: "ir-CSN"
     depths: tuple[int, ...]
     conv_maker: str                    # the trunk's builder for the block's spatiotemporal conv
-    stem: str                          # "3d" (one 3xkx7x7 conv) or "2plus1d" (spatial conv, then temporal)
+    stem: str                          # "3d" (one kx7x7 conv, padded k//2 in time), "2plus1d" (spatial conv, then
+                                       # temporal) or "clip" (R2D: kx7x7 spanning the clip, no temporal padding)
     pool1: bool                        # VMZ's max-pool after the stem
     protocol: dict                     # the test protocol behind the published numbers
     parity_clip: tuple[int, int]       # default (T, H) of the fixed parity clip
@@ -103,28 +106,26 @@ def _plain_stage_kinds(blobs: Blobs, names: set) -> tuple[str, ...] | None:
     return tuple(kinds)
 
 
-def _plain(kinds: tuple[str, ...], stem_kts: tuple[int, ...] | None):
+def _plain(kinds: tuple[str, ...], stem_kts: tuple[int, ...]):
     """Recognises a family of VMZ's plain (comp_*, no middle, no channel-wise) networks by its stage kinds
-    and the stem's temporal kernel (``None``: any kernel, a "clip" stem)."""
+    and the stem's temporal kernel."""
     def recognise(blobs: Blobs, names: set) -> bool:
         if "conv1_middle_w" in names or "comp_0_conv_2_middle_w" in names or _is_ircsn(blobs, names):
             return False
         stem = _shape(blobs, "conv1_w")
         return (_plain_stage_kinds(blobs, names) == kinds and len(stem) == 5
-                and (stem_kts is None or stem[2] in stem_kts))
+                and stem[2] in stem_kts)
     return recognise
 
 
 _MC = {k: tuple("3d" if i < k - 2 else "2d" for i in range(4)) for k in (2, 3, 4, 5)}       # create_mcx
 _RMC = {k: tuple("2d" if i < k - 2 else "3d" for i in range(4)) for k in (2, 3, 4, 5)}      # create_rmcx
-_2018 = dict(depths=(18, 34), simple_marker="!comp_0_conv_3_w")
-
-
 def _family_2018(name: str, title: str, stem: str, kinds: tuple[str, ...], kts: tuple[int, ...],
                  default_kt: int) -> "Family":
-    return Family(name, title, _2018["depths"], "3d", stem, False, _R21D_PROTOCOL, (8, 112),
-                  _plain(kinds, kts), simple_marker=_2018["simple_marker"],
-                  stages=kinds, stem_kts=kts, scheme="r3d", default_kt=default_kt)
+    """A VMZ 2018 family: simple blocks only (depth 18 and 34 here), R3D's blob names and tables, VMZ's
+    R(2+1)D/R3D test protocol (171x128 frames, 10 clips, a 112 centre crop), no pool1."""
+    return Family(name, title, (18, 34), "3d", stem, False, _R21D_PROTOCOL, (8, 112), _plain(kinds, kts),
+                  simple_marker="!comp_0_conv_3_w", stages=kinds, stem_kts=kts, scheme="r3d", default_kt=default_kt)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (

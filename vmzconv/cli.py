@@ -477,8 +477,8 @@ _RUNTIME_OPTIONS = (
                  show_default=True, envvar="VMZCONV_RUNTIME", show_envvar=True,
                  help="What runs the model. auto: on the CPU the fastest installed of openvino, onnxruntime, torch "
                       "(in that order, as benchmarks/runtime.py measured); on CUDA torch. ONNX runtimes run the "
-                      "graph `export --dynamic` writes, cached (--graph-cache) and proven against PyTorch on first "
-                      "use; one that fails falls back to torch with a note."),
+                      "model's ONNX graph (dynamic sizes), exported on first use, cached (--graph-cache) and proven "
+                      "against PyTorch; one that fails falls back to torch with a note."),
     click.option("--device", help="cpu, cuda or cuda:N (default: cuda when available)."),
     click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
                  help="fp16/bf16: CUDA autocast (with BN folded); bf16 on the CPU with --runtime openvino."),

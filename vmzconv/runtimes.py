@@ -1,7 +1,7 @@
 """The ONNX runtimes behind ``--runtime onnxruntime | openvino``: graph cache, engines and their proof.
 
-The graph is the one ``vmzconv export --dynamic`` writes (``graph.to_onnx``: dynamic N, T, H, W),
-kept in a cache folder (``--graph-cache``, else ``$VMZCONV_CACHE``, else ``$XDG_CACHE_HOME/vmzconv``,
+The graph is the model's ONNX graph with dynamic N, T, H, W (``graph.to_onnx_fast``: torch's TorchScript-
+based exporter, ~14x faster than the torch.export-based one ``vmzconv export`` uses), kept in a cache folder (``--graph-cache``, else ``$VMZCONV_CACHE``, else ``$XDG_CACHE_HOME/vmzconv``,
 else ``~/.cache/vmzconv``) under a name keyed by the checkpoint's sha256 and the graph options;
 nothing is ever written beside the user's files. The first time a (graph, runtime, precision) is
 used it is proven against the PyTorch model on the fixed parity clip (batch 2): relative max
