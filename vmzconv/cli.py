@@ -63,7 +63,7 @@ def _written(*paths) -> None:
 
 def _report_interrupt() -> None:
     if _WRITTEN:
-        click.echo(f"vmzconv: interrupted after {safe(', '.join(_WRITTEN))} was written (complete); the rest of the "
+        click.echo(f"vmzconv: interrupted after writing {safe(', '.join(_WRITTEN))} (complete); the rest of the "
                    "command did not run", err=True)
     else:
         click.echo("vmzconv: interrupted; no partial output was left", err=True)
