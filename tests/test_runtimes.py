@@ -54,8 +54,8 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("runtime,family", [pytest.param(r, f, marks=NEEDS[r]) for r, f in
-                                            (("onnxruntime", "r3d"), ("openvino", "r3d"), ("openvino", "ircsn"))
-                                            if (r, f) != ("onnxruntime", "r3d")]
+                                            (("onnxruntime", "ircsn"), ("openvino", "r3d"), ("openvino", "ircsn"))]
+                         # ONNX Runtime on R3D-18: test_verify_and_features_equal_torch_and_say_what_ran
                          + [pytest.param("onnxruntime", "r3d", marks=[NEEDS["onnxruntime"], pytest.mark.slow])])
 def test_predict_equals_torch(demo, runtime, family):
     d, ckpts, videos = demo
