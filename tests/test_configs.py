@@ -223,3 +223,31 @@ def test_plain_pytorch_finetune_lines_run_as_printed(cli, vmz_pickle, tmp_path):
     assert np.isfinite(loss)
     assert all(torch.equal(m.running_mean, s) for m, s in zip(bns, stats))
     assert not torch.equal(model.layer1[0].conv1[0][0].weight.detach(), conv)
+
+
+@pytest.mark.parametrize("family", ["mc3", "rmc4", "r2df"])
+def test_2018_families_in_mmaction2_compute_the_converted_logits(mm, cli, vmz_pickle, tmp_path, family):
+    """MC3, rMC4 and fR2D as MMAction2 ResNet3d recognizers (per-stage inflate and temporal strides, the
+    family's stem kernel): the printed test config, built by MMAction2, loads the file strictly and gives
+    vmzconv's logits; R2D (an unpadded clip-long stem) is refused for MMAction2 in one line."""
+    from mmengine.runner import load_checkpoint
+
+    from vmzconv.load import load_converted
+    from vmzconv.synth import seeded_blobs
+
+    src = vmz_pickle.custom(f"{family}.pkl", seeded_blobs(family, 18))
+    out = tmp_path / f"{family}.pth"
+    res = cli("convert", src, out, "--target", "mmaction2", "--parity-clip", "8,32")
+    assert res.exit_code == 0, res.stderr
+    cfg, _ = _config(cli, tmp_path, out)
+    model = _build(mm, cfg)
+    load_checkpoint(model, cfg.load_from, strict=True)
+    model.eval()
+    clip = torch.from_numpy(parity.fixed_clip(8, 56))
+    with torch.no_grad():
+        theirs = model.cls_head(model.backbone(clip)).numpy()
+        ours = load_converted(out).model.eval()(clip).numpy()
+    assert np.abs(theirs - ours).max() <= 1e-5 * np.abs(ours).max()
+    res = cli("convert", vmz_pickle.custom("r2d.pkl", seeded_blobs("r2d", 18)), tmp_path / "r2d.pth",
+              "--target", "mmaction2", "--no-parity")
+    assert res.exit_code == 2 and "unpadded" in res.stderr and not (tmp_path / "r2d.pth").exists()

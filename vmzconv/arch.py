@@ -123,9 +123,16 @@ _RMC = {k: tuple("2d" if i < k - 2 else "3d" for i in range(4)) for k in (2, 3, 
 def _family_2018(name: str, title: str, stem: str, kinds: tuple[str, ...], kts: tuple[int, ...],
                  default_kt: int) -> "Family":
     """A VMZ 2018 family: simple blocks only (depth 18 and 34 here), R3D's blob names and tables, VMZ's
-    R(2+1)D/R3D test protocol (171x128 frames, 10 clips, a 112 centre crop), no pool1."""
+    R(2+1)D/R3D test protocol (171x128 frames, 10 clips, a 112 centre crop), no pool1. MMAction2's
+    ResNet3d holds those with a padded stem (not R2D's): per stage, ``inflate`` 1 for 3x3x3 and 0 for
+    1x3x3 convs, and a temporal stride of 2 only where a 3-D stage downsamples."""
+    mm = None if stem == "clip" else dict(
+        type="ResNet3d", pretrained2d=False, conv1_kernel=(default_kt, 7, 7), conv1_stride_t=1, pool1_stride_t=1,
+        with_pool1=False, with_pool2=False, inflate=tuple(int(k == "3d") for k in kinds), inflate_style="3x3x3",
+        spatial_strides=(1, 2, 2, 2), temporal_strides=tuple(2 if i and k == "3d" else 1 for i, k in enumerate(kinds)))
     return Family(name, title, (18, 34), "3d", stem, False, _R21D_PROTOCOL, (8, 112), _plain(kinds, kts),
-                  simple_marker="!comp_0_conv_3_w", stages=kinds, stem_kts=kts, scheme="r3d", default_kt=default_kt)
+                  simple_marker="!comp_0_conv_3_w", mmaction2=mm, stages=kinds, stem_kts=kts, scheme="r3d",
+                  default_kt=default_kt)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (

@@ -24,9 +24,8 @@ _MM_R21D = ("MMAction2's ResNet2Plus1d builds its (2+1)-D convs with Conv2plus1d
             "MMAction2 config holds VMZ's R(2+1)D weights; use --target torchvision")
 
 _2018 = ("r2d", "r2df", "mc2", "mc3", "mc4", "mc5", "rmc2", "rmc3", "rmc4", "rmc5")
-_MM_2018 = ("VMZ's 2018 families are written in torchvision's VideoResNet layout only: no MMAction2 config "
-            "holding them has been built and checked (R2D's unpadded clip-long conv1 fits no MMAction2 ResNet3d "
-            "stem); use --target torchvision")
+_MM_R2D = ("MMAction2's ResNet3d pads its stem conv by (k-1)//2 in time, and VMZ's R2D conv1 spans the clip "
+           "unpadded, so no ResNet3d config computes it; use --target torchvision")
 _PTV_2018 = "pytorchvideo has no model with per-stage 2-D/3-D convolutions; use --target torchvision"
 
 
@@ -50,11 +49,11 @@ class Target:
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("mmaction2", "mmaction2", True, ("cls_head.fc_cls.weight", "cls_head.fc_cls.bias"),
            "backbone.conv1.conv.weight", lambda k: "backbone.conv1.conv.weight" in k,
-           {"r2plus1d": _MM_R21D} | dict.fromkeys(_2018, _MM_2018),
+           {"r2plus1d": _MM_R21D, "r2d": _MM_R2D},
            "MMAction2 Recognizer3D (ResNet3dCSN / ResNet3d + I3DHead; load_from=)"),
     Target("mmaction2-backbone", "mmaction2_backbone", False, None, "conv1.conv.weight",
            lambda k: "conv1.conv.weight" in k and "layer1.0.conv1.conv.weight" in k,
-           {"r2plus1d": _MM_R21D} | dict.fromkeys(_2018, _MM_2018),
+           {"r2plus1d": _MM_R21D, "r2d": _MM_R2D},
            "the MMAction2 backbone alone (backbone.pretrained=)"),
     Target("torchvision", "torchvision", True, ("fc.weight", "fc.bias"), "stem.0.weight",
            lambda k: "stem.0.weight" in k and "fc.weight" in k, {},
