@@ -219,7 +219,9 @@ def _torch_finetune(path: str, a: arch_mod.Arch, target: str, num_classes: int, 
     f = FINETUNE
     head = {"torchvision": "fc", "pytorchvideo": "blocks.5.proj"}[target]
     return "\n".join([
-        f"# Fine-tune {a.name} ({target} layout, which MMAction2 cannot hold) in plain PyTorch: a new "
+        f"# Fine-tune {a.name} ({target} layout) in plain PyTorch"
+        + ("" if a.fam.mmaction2 is None else " (for MMAction2, convert with --target mmaction2-backbone)")
+        + f": a new "
         f"{num_classes}-class head, BN frozen (eval mode, no grad), the rest trained with MMAction2's CSN recipe "
         f"(SGD lr {f['lr']} for {f['gpus'] * f['batch']} clips a step, momentum 0.9, weight decay 1e-4, "
         f"gradient clip 40).",
