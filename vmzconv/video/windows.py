@@ -12,6 +12,8 @@ being built, never the video's length. A *plan* says which frames a window takes
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
@@ -78,32 +80,38 @@ def cut(frames: Source, plan, shape: Callable[[np.ndarray], np.ndarray]) -> Iter
 
 class IndexPlan:
     """Windows given up front as frame indices ``idx`` [windows, clip_len] over a video of known length;
-    window = its row number."""
+    window = its row number. A count per frame index and a heap of each window's last frame keep the
+    work per frame small however many windows there are (``--num-snippets`` allows many)."""
 
     def __init__(self, idx: np.ndarray):
         self.idx = idx
-        self.open = list(range(len(self.idx)))
-        self.needed = {int(i) for i in self.idx.reshape(-1)}
-        self.last = self.idx.max(axis=1)
+        self.count = Counter(int(i) for i in self.idx.reshape(-1))
+        self.pending = [(int(last), k) for k, last in enumerate(self.idx.max(axis=1))] if len(self.idx) else []
+        heapq.heapify(self.pending)
 
     def wants(self, i: int) -> bool:
-        return i in self.needed
+        return i in self.count
 
     def indices(self, k: int):
         return [int(i) for i in self.idx[k]]
 
     def complete(self, n: int) -> list[int]:
-        done = [k for k in self.open if self.last[k] < n]
-        if done:
-            self.open = [k for k in self.open if k not in done]
-            self.needed = {int(i) for k in self.open for i in self.idx[k]}
+        done = []
+        while self.pending and self.pending[0][0] < n:         # windows in order of their last frame, then row
+            _, k = heapq.heappop(self.pending)
+            done.append(k)
+            for i in self.idx[k]:
+                i = int(i)
+                self.count[i] -= 1
+                if not self.count[i]:
+                    del self.count[i]
         return done
 
     def still_needed(self, i: int) -> bool:
-        return i in self.needed
+        return i in self.count
 
     def end(self, n: int, buf) -> list[int]:
-        if self.open:
+        if self.pending:
             raise ShortVideo(n)
         return []
 
@@ -237,7 +245,7 @@ def item_views(item, p: P.Protocol, filename_tmpl: str = "img_{:05d}.jpg") -> np
     if item.kind != "video":
         if not item.total_frames or item.total_frames < 1:
             raise DecodeError(f"{item.path}: the list gives {item.total_frames} frames")
-        needed = sorted(ClipPlan(item.total_frames, p).needed)
+        needed = sorted(ClipPlan(item.total_frames, p).count)
         return clip_views(rawframes(item.path, needed, filename_tmpl), item.total_frames, p, item.path)
     with open_video(item.path) as video:
         total = video.claimed or video.count()
