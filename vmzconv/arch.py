@@ -263,19 +263,6 @@ def _refuse_other_models(blobs: Blobs, names: set) -> None:
         kind = "an R(2+1)D-F / R2D-F model (frames folded into channels)" if conv1[1] % 3 == 0 and conv1[1] > 3 \
             else "an optical-flow model"
         raise ArchError(f"{src}: {first} takes {conv1[1]} input channels, not 3 (RGB) — {kind}; not supported")
-    if first == "conv1_w":
-        _refuse_2d_and_mixed(blobs, names)
-
-
-def _refuse_2d_and_mixed(blobs: Blobs, names: set) -> None:
-    """R2D, MCx and rMCx networks vmzconv has no family for (bottleneck depths): named, refused."""
-    kinds = _plain_stage_kinds(blobs, names)
-    if kinds is None or kinds == ("3d",) * 4 or "conv1_middle_w" in names:
-        return
-    if any(f.recognise(blobs, names) for f in FAMILIES.values()):
-        return
-    raise ArchError(f"{blobs.source}: a VMZ 2018 model with stages {'/'.join(kinds)} at a depth vmzconv does not "
-                    "convert (R2D, fR2D, MCx and rMCx: depth 18 and 34)")
 
 
 def _block_count(names: set) -> int:
@@ -306,6 +293,10 @@ def candidates(blobs: Blobs) -> list[Arch]:
     src = blobs.source
     _refuse_other_models(blobs, names)
     fams = [f for f in FAMILIES.values() if f.recognise(blobs, names)]
+    kinds = _plain_stage_kinds(blobs, names)
+    if not fams and kinds not in (None, ("3d",) * 4):
+        raise ArchError(f"{src}: a VMZ 2018 model with stages {'/'.join(kinds)} at a depth vmzconv does not "
+                        "convert (R2D, fR2D, MCx and rMCx: depth 18 and 34)")
     if not fams:
         raise ArchError(f"{src}: block 0 matches none of the VMZ families vmzconv knows "
                         f"({', '.join(f.title for f in FAMILIES.values())})")

@@ -49,7 +49,7 @@ def window_chunks(path: str, w: Windows, batch: int):
             if n < 1:
                 raise DecodeError(f"{path}: no decodable frames")
             layout = w.layout(n)
-            plan, where = snippet_plan(w, n), layout.__getitem__
+            plan, where = snippet_plan(layout, w.clip_len), layout.__getitem__
         else:
             plan, where = SlidingPlan(w), (lambda window: window)
         pending: list = []
@@ -334,8 +334,9 @@ def _consistent(rows, fps, windows, shape) -> bool:
 
 
 def _h5_videos(out_dir: Path, record: dict, names: list[str]) -> dict:
-    """name -> (rows, fps, windows) of the videos an existing ``features.h5`` made with the same options
-    holds; anything unreadable or inconsistent counts as absent (and is redone)."""
+    """name -> (fps, windows) of the videos an existing ``features.h5`` made with the same options holds
+    (each array is read to check it, one at a time, and not kept); anything unreadable or inconsistent
+    counts as absent (and is redone)."""
     path = out_dir / "features.h5"
     if not path.is_file() or path.is_symlink():
         return {}
@@ -354,7 +355,7 @@ def _h5_videos(out_dir: Path, record: dict, names: list[str]) -> dict:
                 fps = float(ds.attrs["fps"])
                 windows = np.asarray(ds.attrs["windows"]).reshape(-1, 2).tolist()
                 if _consistent(rows, fps, windows, list(rows.shape)):
-                    found[name] = (rows, fps, windows)
+                    found[name] = (fps, windows)
     except (OSError, KeyError, ValueError, TypeError):
         return {}
     return found
@@ -381,9 +382,9 @@ def _finish(out_dir: Path, parts: Path, names, items, skipped: dict, record: dic
             entries.append((name, side["fps"], side["windows"],
                             functools.partial(np.load, parts / f"{name}.npy", allow_pickle=False)))
         except (OSError, ValueError):
-            if name in old:                        # done by an earlier run, kept in features.h5
-                rows, fps, windows = old[name]
-                entries.append((name, fps, windows, functools.partial(lambda r: r, rows)))
+            if name in old:                        # done by an earlier run, kept in features.h5: read when copied
+                fps, windows = old[name]
+                entries.append((name, fps, windows, functools.partial(_h5_rows, out_dir / "features.h5", name)))
             # else: skipped (here or on another rank)
     kind = "snippets" if record["windows"].get("num_snippets") else record["windows"]["tail"]
     rows, total, dim = [], 0, None
@@ -408,6 +409,14 @@ def _finish(out_dir: Path, parts: Path, names, items, skipped: dict, record: dic
         write_atomic(h5, lambda f: _write_h5(f.name, entries, record))
         _remove_parts(parts, [name for name, *_ in entries])
     return str(index), (str(h5) if h5 else None), total, dim, len(entries)
+
+
+def _h5_rows(path: Path, name: str) -> np.ndarray:
+    """One video's array from a features.h5 (the old file stays in place until the new one replaces it)."""
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        return h5[safe(name)][()]
 
 
 def _write_h5(path: str, entries: list, record: dict) -> None:

@@ -181,8 +181,7 @@ def run(opts: Options) -> Outcome:
     check_outputs(opts, items)                              # fail before the (long) run, not after
     basis = None
     if opts.expect_published and opts.expect_top1 is None:
-        opts.expect_top1, opts.expect_top5 = published_expectation(opts.ckpt)
-        basis = published_basis(opts.ckpt)
+        opts.expect_top1, opts.expect_top5, basis = published_expectation(opts.ckpt)
     names = annotations.label_names(opts.label_map)
     need = f"{opts.ckpt}: a backbone-only file has no classifier to verify"
     with open_run(opts.ckpt, opts.arch, opts.runtime, "logits", opts.protocol_overrides, opts.norm, need,
@@ -298,38 +297,26 @@ def _report(opts: Options, r: Run, items, names, parts: list[dict], wall: float)
     return Outcome(m, [all_probs.get(it.index) for it in items], report)
 
 
-def published_expectation(ckpt: str | Path) -> tuple[float, float | None]:
-    """Top-1/top-5 (%) published for a known zoo checkpoint: MMAction2's re-measurement, else VMZ's."""
+def published_expectation(ckpt: str | Path) -> tuple[float, float | None, dict]:
+    """Top-1/top-5 (%) published for a known zoo checkpoint (MMAction2's re-measurement, else VMZ's) and how
+    they were measured: MMAction2's with its config's normalisation and the card's protocol (MMAction2's
+    test settings), VMZ's with VMZ's own."""
     from ..checkpoint import load_meta
-
     from ..load import check_card
-
-    meta = load_meta(ckpt)
-    check_card(ckpt, meta)
-    acc = ((meta.get("zoo") or {}).get("published_accuracy")) or {}
-    who = "mmaction2" if "mmaction2_top1" in acc else "vmz"
-    if f"{who}_top1" not in acc:
-        raise VmzconvError(f"{ckpt}: no published accuracy in its meta (not a known VMZ zoo file)")
-    return acc[f"{who}_top1"], acc.get(f"{who}_top5")
-
-
-_PROTOCOL_FIELDS = ("name", "clip_len", "frame_interval", "num_clips", "short_side", "resize", "crop_size", "num_crops")
-
-
-def published_basis(ckpt: str | Path) -> dict:
-    """How the published numbers of a zoo checkpoint were measured: MMAction2's re-measurements with its
-    config's normalisation and the card's protocol (MMAction2's test settings), VMZ's with VMZ's own."""
-    from ..checkpoint import load_meta
     from ..zoo import NORMS
 
     meta = load_meta(ckpt)
-    zoo_info, inp = meta.get("zoo") or {}, meta.get("input") or {}
+    check_card(ckpt, meta)
+    zoo_info = meta.get("zoo") or {}
     acc = zoo_info.get("published_accuracy") or {}
     who = "mmaction2" if "mmaction2_top1" in acc else "vmz"
+    if f"{who}_top1" not in acc:
+        raise VmzconvError(f"{ckpt}: no published accuracy in its meta (not a known VMZ zoo file)")
     norm = (zoo_info.get("mmaction2_config_mean_std") if who == "mmaction2" else None) or NORMS["vmz"]
-    card = Protocol.from_card(inp)
-    protocol = {f: (list(v) if isinstance(v, tuple) else v) for f in _PROTOCOL_FIELDS for v in [getattr(card, f)]}
-    return {"measured_by": who, "mean": list(norm["mean"]), "std": list(norm["std"]), "protocol": protocol}
+    protocol = {f: (list(v) if isinstance(v, tuple) else v)
+                for f, v in Protocol.from_card(meta.get("input")).to_dict().items()}
+    basis = {"measured_by": who, "mean": list(norm["mean"]), "std": list(norm["std"]), "protocol": protocol}
+    return acc[f"{who}_top1"], acc.get(f"{who}_top5"), basis
 
 
 def basis_differences(basis: dict, protocol, mean, std) -> list[str]:

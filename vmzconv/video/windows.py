@@ -233,9 +233,9 @@ class SlidingPlan:
         return []
 
 
-def snippet_plan(w: Windows, n: int) -> IndexPlan:
-    """``--num-snippets``: the windows of a video of ``n`` frames, known up front."""
-    return IndexPlan(np.asarray([idx for _, _, idx in w.layout(n)], dtype=np.int64).reshape(-1, w.clip_len))
+def snippet_plan(layout: list[tuple], clip_len: int) -> IndexPlan:
+    """``--num-snippets``: the windows (``Windows.layout``) of a video of known length, as a plan."""
+    return IndexPlan(np.asarray([idx for _, _, idx in layout], dtype=np.int64).reshape(-1, clip_len))
 
 
 def item_views(item, p: P.Protocol, filename_tmpl: str = "img_{:05d}.jpg") -> np.ndarray:
