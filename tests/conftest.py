@@ -48,7 +48,7 @@ def golden_blobs(family: str, depth: int = 50, classes: int = 400) -> dict[str, 
             v = 1.25 + 0.75 * np.sin(0.5 * i + 3 * k)
         elif name.endswith("_rm"):
             v = 0.1 * np.cos(0.9 * i + k)
-        elif name.startswith("last_out_L") and name.endswith("_b"):
+        elif name.startswith(("last_out_L", "fc6_", "fc7_")) and name.endswith("_b"):    # C3D: fc6_b, fc7_b too
             v = 0.1 * np.sin(0.2 * i + k)
         else:
             v = 0.1 * np.sin(1.3 * i + 2 * k)
@@ -207,3 +207,23 @@ def wait_for(pred, timeout: float = 120.0) -> bool:
         time.sleep(0.05)
     return False
 
+
+def mmaction_registries():
+    """MMAction2's registries, or a skip when the `mmaction` extra is not installed. The PyPI wheel of
+    mmaction2 1.2.0 lacks ``mmaction/models/localizers/drn`` (its ``localizers/__init__`` imports it): an
+    empty module stands in for that one localizer, which no recognizer config names."""
+    import sys
+    import types
+
+    pytest.importorskip("mmengine")
+    for name in ("mmaction.models.localizers.drn", "mmaction.models.localizers.drn.drn"):
+        if name not in sys.modules:
+            stub = types.ModuleType(name)
+            stub.__path__, stub.DRN = [], None
+            sys.modules[name] = stub
+    mmaction = pytest.importorskip("mmaction.models")
+    from mmaction.registry import DATASETS, MODELS
+    from mmaction.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+    return mmaction, MODELS, DATASETS

@@ -5,8 +5,6 @@ MMAction2 1.2.0's own ``Config.fromfile`` + ``MODELS.build`` + ``init_weights()`
 from __future__ import annotations
 
 import ast
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -14,26 +12,8 @@ import torch
 
 from vmzconv import checkpoint, parity
 
-from .conftest import GOLDEN, golden_blobs
+from .conftest import GOLDEN, golden_blobs, mmaction_registries as _mmaction
 from .synthetic import frames, write_video
-
-
-def _mmaction():
-    """MMAction2's registries, or a skip when the `mmaction` extra is not installed. The PyPI wheel of
-    mmaction2 1.2.0 lacks ``mmaction/models/localizers/drn`` (its ``localizers/__init__`` imports it): an
-    empty module stands in for that one localizer, which no recognizer config names."""
-    pytest.importorskip("mmengine")
-    for name in ("mmaction.models.localizers.drn", "mmaction.models.localizers.drn.drn"):
-        if name not in sys.modules:
-            stub = types.ModuleType(name)
-            stub.__path__, stub.DRN = [], None
-            sys.modules[name] = stub
-    mmaction = pytest.importorskip("mmaction.models")
-    from mmaction.registry import DATASETS, MODELS
-    from mmaction.utils import register_all_modules
-
-    register_all_modules(init_default_scope=True)
-    return mmaction, MODELS, DATASETS
 
 
 @pytest.fixture(scope="module")

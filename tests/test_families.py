@@ -213,11 +213,11 @@ def test_the_2018_families_are_told_apart_by_stage_kernels(kts, conv1_kt, found)
 
 
 @pytest.mark.parametrize("arrays,fragment", [
-    (lambda: {"conv1a_w": np.zeros((64, 3, 3, 3, 3), np.float32)}, "a C3D model"),
+    (lambda: {"conv1a_w": np.zeros((64, 3, 3, 3, 3), np.float32)}, "blob 'fc6_w' has shape missing, VMZ's C3D has"),
     (lambda: dict(synth.seeded_blobs("r2plus1d", 18), conv1_middle_w=np.zeros((45, 2, 1, 7, 7), np.float32)),
      "optical-flow model"),
 ])
-def test_older_vmz_families_are_named_and_refused(arrays, fragment):
+def test_incomplete_c3d_and_flow_models_are_named(arrays, fragment):
     with pytest.raises(ArchError, match=re.escape(fragment)):
         detect(Blobs("old.pkl", arrays()))
 

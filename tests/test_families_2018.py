@@ -22,7 +22,7 @@ FAMS = ("r2d", "r2df", "mc2", "mc3", "mc4", "mc5", "rmc2", "rmc3", "rmc4", "rmc5
 
 def test_parameter_counts_are_the_published_table():
     """models.md's Params (M) column for every 2018 entry (and R3D-18 / R(2+1)D-18), within its rounding."""
-    rows = [e for e in zoo.entries() if "params_m" in e]
+    rows = [e for e in zoo.entries() if "params_m" in e and e["arch"] != "c3d"]      # C3D: test_c3d.py
     assert len(rows) == 24
     for e in rows:
         family = e["arch"].split("_r")[0]

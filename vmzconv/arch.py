@@ -24,6 +24,8 @@ BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 
 SIMPLE_DEPTHS = (18, 34)
 # What VMZ's extract_features.py pickles instead of parameters.
 FEATURE_OUTPUTS = {"final_avg", "softmax", "label", "video_id"}
+C3D_FC = 4096            # C3D's fc6 and fc7 width (c3d_model.create_model's fc6_dim, fc7_dim)
+C3D_POOL5 = 512 * 3 * 3  # what pool5 leaves of a 16x112x112 clip: fc6's input
 
 
 def block_kind(depth: int) -> str:
@@ -53,7 +55,14 @@ class Family:
     default_kt: int = 3                # conv1's temporal kernel when nothing says otherwise
 
     def arch_names(self) -> tuple[str, ...]:
+        if not self.resnet:
+            return (self.name,)
         return tuple(f"{self.name}_r{d}" for d in self.depths)
+
+    @property
+    def resnet(self) -> bool:
+        """Every family but C3D (VGG-style, one depth) is a VMZ video ResNet."""
+        return self.stem != "c3d"
 
     @property
     def stage_kinds(self) -> tuple[str, ...]:
@@ -153,6 +162,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     _family_2018("r2df", "fR2D", "3d", ("2d",) * 4, (1,), 1),                  # frame-wise 2-D, pooled over time
     *(_family_2018(f"mc{k}", f"MC{k}", "3d", _MC[k], (3,), 3) for k in (2, 3, 4, 5)),
     *(_family_2018(f"rmc{k}", f"rMC{k}", "3d", _RMC[k], (1,), 1) for k in (2, 3, 4, 5)),
+    # C3D (c3d_model.py): eight 3x3x3 convs with biases and BN, five unpadded max-pools, fc6 4608 -> 4096, fc7.
+    # "depth" 8 counts its convs; its fc6 fixes the input at 16x112x112. MMAction2's C3D cannot hold it.
+    Family("c3d", "C3D", (8,), "c3d", "c3d", False, _R21D_PROTOCOL | {"clip_len": 16}, (16, 112),
+           lambda blobs, names: "conv1a_w" in names),
 )}
 ARCH_NAMES = tuple(n for f in FAMILIES.values() for n in f.arch_names())
 
@@ -205,15 +218,16 @@ class Arch:
 
     @property
     def name(self) -> str:
-        return f"{self.family}_r{self.depth}"
+        return f"{self.family}_r{self.depth}" if self.fam.resnet else self.family
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return BLOCKS[self.depth]
+        """Residual blocks per layer (none in C3D)."""
+        return BLOCKS[self.depth] if self.fam.resnet else ()
 
     @property
     def kind(self) -> str:
-        return block_kind(self.depth)
+        return block_kind(self.depth) if self.fam.resnet else "vgg"
 
     def has_projection(self, layer: int, j: int) -> bool:
         """VMZ adds a shortcut projection where width or stride change: the first block of layers 2-4,
@@ -222,7 +236,7 @@ class Arch:
 
     @property
     def feature_dim(self) -> int:
-        return 512 if self.kind == "simple" else 2048
+        return {"simple": 512, "bottleneck": 2048, "vgg": C3D_FC}[self.kind]
 
     def describe(self) -> str:
         return f"{self.name} ({self.num_classes} classes, conv1 temporal kernel {self.conv1_kt})"
@@ -233,9 +247,11 @@ def _kts(kts: tuple[int, ...]) -> str:
 
 
 def parse_arch_name(name: str) -> tuple[str, int]:
-    m = re.fullmatch(r"([a-z0-9]+)_r(\d+)", name or "")
-    if not m or name not in ARCH_NAMES:
-        raise ArchError(f"unknown --arch {name!r}; choose one of {', '.join(ARCH_NAMES)} or auto")
+    if name not in ARCH_NAMES:
+        raise ArchError(f"unknown --arch {str(name)[:40]!r}; choose one of {', '.join(ARCH_NAMES)} or auto")
+    if name in FAMILIES:                 # one-depth families (C3D) are named without a depth
+        return name, FAMILIES[name].depths[0]
+    m = re.fullmatch(r"([a-z0-9]+)_r(\d+)", name)
     return m.group(1), int(m.group(2))
 
 
@@ -251,8 +267,8 @@ def _refuse_other_models(blobs: Blobs, names: set) -> None:
                         f"{', '.join(sorted(outputs))}), not a model checkpoint")
     if any(n.startswith(("v_comp_", "a_comp_", "v_conv1", "a_conv1", "v_last_out", "a_last_out")) for n in names):
         raise ArchError(f"{src}: an audio-visual VMZ model (v_/a_ prefixed blobs) — not supported")
-    if any(n.startswith(("conv1a_", "conv2a_", "conv3a_", "fc6_", "fc7_")) for n in names):
-        raise ArchError(f"{src}: a C3D model (conv1a/fc6 blobs) — not supported")
+    if "conv1a_w" in names:
+        return
     first = "conv1_middle_w" if "conv1_middle_w" in names else "conv1_w"
     if first not in names:
         raise ArchError(f"{src}: no conv1_w blob — not a VMZ video model ({len(names)} blobs)")
@@ -292,7 +308,9 @@ def candidates(blobs: Blobs) -> list[Arch]:
     names = set(blobs.names())
     src = blobs.source
     _refuse_other_models(blobs, names)
-    fams = [f for f in FAMILIES.values() if f.recognise(blobs, names)]
+    if "conv1a_w" in names:
+        return [_c3d_arch(blobs, names)]
+    fams = [f for f in FAMILIES.values() if f.resnet and f.recognise(blobs, names)]
     kinds = _plain_stage_kinds(blobs, names)
     if not fams and kinds not in (None, ("3d",) * 4):
         raise ArchError(f"{src}: a VMZ 2018 model with stages {'/'.join(kinds)} at a depth vmzconv does not "
@@ -329,11 +347,28 @@ def _arch_of(blobs: Blobs, names: set, fam: Family) -> Arch:
         known = ", ".join(f"{d}: {sum(BLOCKS[d])}" for d in fam.depths if block_kind(d) == kind) or "none"
         raise ArchError(f"{src}: {len(indices)} {kind} {fam.title} blocks numbered up to {max(indices)}; "
                         f"depths have ({known}) blocks")
+    return Arch(fam.name, depth, _classes(blobs, names), int(stem[2]))
+
+
+def _classes(blobs: Blobs, names: set) -> int:
     heads = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"last_out_L(\d+)_w", n)))
     if len(heads) != 1:
         found = ", ".join(f"last_out_L{h}_w" for h in heads) or "none"
-        raise ArchError(f"{src}: expected exactly one classifier blob last_out_L<N>_w, found {found}")
-    return Arch(fam.name, depth, heads[0], int(stem[2]))
+        raise ArchError(f"{blobs.source}: expected exactly one classifier blob last_out_L<N>_w, found {found}")
+    return heads[0]
+
+
+def _c3d_arch(blobs: Blobs, names: set) -> Arch:
+    """VMZ's C3D: conv1a takes 3 channels in a 3x3x3 kernel, fc6 maps pool5's 4608 values to 4096."""
+    src = blobs.source
+    for name, want in (("conv1a_w", (64, 3, 3, 3, 3)), ("fc6_w", (C3D_FC, C3D_POOL5)), ("fc7_w", (C3D_FC, C3D_FC))):
+        got = _shape(blobs, name)
+        if got != want:
+            shown = list(got) if got else "missing"
+            raise ArchError(f"{src}: blob {name!r} has shape {shown}, VMZ's C3D has {list(want)}"
+                            + (" (fc6 over an 8192-wide pool5 is MMAction2's C3D, not VMZ's)"
+                               if name == "fc6_w" and got[1:] == (8192,) else ""))
+    return Arch("c3d", 8, _classes(blobs, names), 3)
 
 
 def resolve(blobs: Blobs, requested: str = "auto") -> Arch:

@@ -171,7 +171,7 @@ _max_bytes_option = click.option(
 _parity_clip_option = click.option(
     "--parity-clip", metavar="T,H",
     help="Frames and side of the fixed parity clip (1 x 3 x T x H x H); default: the family's "
-         "(8,224 for CSN, 8,112 for R(2+1)D and R3D).")
+         "(8,224 for CSN, 8,112 for R(2+1)D, R3D and the 2018 ResNets, 16,112 and nothing else for C3D).")
 _tolerance_option = click.option(
     "--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
     help="Largest allowed absolute logit difference.")
@@ -195,11 +195,11 @@ _tolerance_option = click.option(
               help="Write a model card OUT.json (the checkpoint's meta: source, arch, parity, preprocessing, "
                    "published accuracy of known zoo files).")
 @click.option("--print-config", is_flag=True,
-              help="Print what loads the result: a complete MMAction2 config, or the torchvision / pytorchvideo lines "
-                   "that build the matching model.")
+              help="Print what loads the result: a complete MMAction2 config, or the torchvision / pytorchvideo / "
+                   "plain PyTorch (C3D) lines that build the matching model.")
 @click.option("--check-consumer", is_flag=True,
-              help="Also build the model in torchvision / pytorchvideo itself (the card's recipe; the library must "
-                   "be importable) and require parity from it before writing.")
+              help="Also build the model in torchvision / pytorchvideo itself, or C3D from the card's class (the "
+                   "card's recipe; the library must be importable) and require parity from it before writing.")
 @click.option("--mapping", "mapping_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Use this mapping table (TOML) instead of the built-in one.")
 @click.option("--parity/--no-parity", "check_parity", default=True, show_default=True,
@@ -278,8 +278,8 @@ def inspect(src, max_bytes, as_json):
 @_parity_clip_option
 @_tolerance_option
 @click.option("--trace", is_flag=True,
-              help="Compare the output of the stem, of every residual block and of the head, and name the first "
-                   "stage that diverges (with what usually causes it there).")
+              help="Compare the output of the stem, of every residual block (C3D: of each pool) and of the head, "
+                   "and name the first stage that diverges (with what usually causes it there).")
 @click.option("--trace-tolerance", type=float, default=1e-4, show_default=True,
               help="Largest relative difference (max |diff| / max |reference|) a traced stage may have.")
 @click.option("--bn-eps", type=float, help="Build the PyTorch side with this BN eps (e.g. 1e-5, pytorchvideo's) "

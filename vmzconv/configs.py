@@ -217,7 +217,7 @@ def finetune_config(path: str | Path, num_classes: int, ann_train: str | None = 
 def _torch_finetune(path: str, a: arch_mod.Arch, target: str, num_classes: int, inp: dict) -> str:
     """Plain PyTorch (vmzconv's own model of the file) with a new head and BN frozen, as MMAction2's recipe."""
     f = FINETUNE
-    head = {"torchvision": "fc", "pytorchvideo": "blocks.5.proj"}[target]
+    head = {"torchvision": "fc", "pytorchvideo": "blocks.5.proj", "pytorch": "fc8"}[target]
     return "\n".join([
         f"# Fine-tune {a.name} ({target} layout) in plain PyTorch"
         + ("" if a.fam.mmaction2 is None else " (for MMAction2, convert with --target mmaction2-backbone)")

@@ -59,7 +59,7 @@ class Table:
         return self.path.name
 
 
-_SECTIONS = ("stem", "block", "simple_block", "bottleneck_block", "projection", "head")
+_SECTIONS = ("stem", "trunk", "block", "simple_block", "bottleneck_block", "projection", "head")
 
 
 def load_table(path: str | Path) -> Table:
@@ -108,12 +108,14 @@ def block_enumeration(arch: Arch):
 
 
 def expand(table: Table, arch: Arch) -> Plan:
-    """[block] applies to every block, [simple_block] / [bottleneck_block] to blocks of that kind
-    (depth 18/34 vs 50+), [projection] to the blocks that have a shortcut projection."""
+    """[stem] and [trunk] (a network without repeated blocks: C3D) apply once, [block] to every block,
+    [simple_block] / [bottleneck_block] to blocks of that kind (depth 18/34 vs 50+), [projection] to the
+    blocks that have a shortcut projection."""
     plan = Plan()
     blocks = [dict(i=i, L=L, j=j) for i, L, j in block_enumeration(arch)]
     contexts = {
         "stem": [{}],
+        "trunk": [{}],
         "head": [{"classes": arch.num_classes}],
         "block": blocks,
         "simple_block": blocks if arch.kind == "simple" else [],

@@ -106,18 +106,34 @@ def compare(ours: np.ndarray, ref: np.ndarray, tolerance: float = DEFAULT_TOLERA
     return Verdict(not reason, max_abs, max_rel, worst, top1, top5, tolerance, list(clip), reason, 0.0, 0.0)
 
 
+def check_clip(arch, clip_size) -> None:
+    """C3D's fc6 fixes its input: pool5 must leave 1x3x3, i.e. a 16x112x112 clip."""
+    if not arch.fam.resnet and tuple(clip_size) != tuple(arch.fam.parity_clip):
+        t, h = arch.fam.parity_clip
+        raise VmzconvError(f"{arch.fam.title}'s fc6 fixes its input at {t}x{h}x{h}: the parity clip must be {t},{h}, "
+                           f"not {','.join(map(str, clip_size))}")
+
+
 def run(blobs, arch, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
         tolerance: float = DEFAULT_TOLERANCE) -> Verdict:
     """Run both sides on the fixed clip and return the verdict (never raises on a mismatch)."""
     from .models import logits  # torch is only needed for this side
 
+    check_clip(arch, clip_size)
     clip = fixed_clip(*clip_size)
     t0 = time.perf_counter()
     ref = reference.forward(blobs.arrays, arch.family, arch.depth, arch.num_classes, clip)
     t1 = time.perf_counter()
-    ours = logits(model, clip, head)
+    try:
+        ours = logits(model, clip, head)
+    except ValueError as e:            # a model that cannot run the clip at all (C3D with a padded pool5)
+        ours, broken = np.full_like(ref, np.nan), str(e)
+    else:
+        broken = None
     t2 = time.perf_counter()
     verdict = compare(ours, ref, tolerance, clip.shape)
+    if broken:
+        verdict.reason = f"the PyTorch model cannot compute the parity clip: {broken}"
     verdict.reference_seconds = round(t1 - t0, 3)
     verdict.model_seconds = round(t2 - t1, 3)
     return verdict
@@ -136,7 +152,9 @@ HINTS = {
             "eps or statistics, or RGB/BGR order of conv1's input channels",
     "block": "this block: its BN statistics or scale/bias (swapped?), a missing or extra ReLU, a (2+1)-D middle "
              "width, or a stride",
-    "head": "the classifier only (the trunk agrees): class order, or the classifier blobs",
+    "pool": "C3D up to this pool: a conv bias or BN dropped, BN eps, or a pool's padding (VMZ pads none; "
+            "MMAction2's C3D pads pool5)",
+    "head": "the classifier only (the trunk agrees): class order, or the classifier blobs (C3D: fc6/fc7 too)",
 }
 DEFAULT_TRACE_TOLERANCE = 1e-4
 
@@ -197,14 +215,21 @@ def trace(blobs, arch, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
     fixed clip; the first stage whose relative difference exceeds ``tolerance`` (or is not finite)."""
     import torch
 
+    check_clip(arch, clip_size)
     clip = fixed_clip(*clip_size)
     model.eval()
     # The PyTorch side runs first and keeps its (float32) stage outputs; the reference then streams past
     # them. Interleaving the two stage by stage makes torch's and NumPy's thread pools fight (~1.2x slower).
     with torch.no_grad():
         ours_stages = list(model.stages(torch.from_numpy(clip)))
-        feats = ours_stages[-1][1].mean(dim=(2, 3, 4))
-        if model.has_head:
+        broken = None
+        try:
+            feats = model.pooled(ours_stages[-1][1])
+        except ValueError as e:          # C3D with a padded pool5: fc6 cannot take what it gives
+            broken = str(e)
+        if broken:
+            logits = np.full((clip.shape[0], arch.num_classes), np.nan)
+        elif model.has_head:
             logits = model.classifier()(feats).numpy()
         else:
             logits = torch.nn.functional.linear(feats, torch.as_tensor(np.asarray(head["head.weight"])),
@@ -215,9 +240,12 @@ def trace(blobs, arch, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
         assert name == ref_name, (name, ref_name)
         stages.append(_stage(name, ours, ref, tolerance))
         last_ref = ref
-    ref_logits = reference.head(blobs.arrays, arch.num_classes, last_ref)
+    ref_logits = reference.head(blobs.arrays, arch.num_classes, last_ref, arch.family)
     stages.append(_stage("head", torch.from_numpy(logits), ref_logits, tolerance))
     verdict = compare(logits, ref_logits, logit_tolerance, clip.shape)
+    if broken:
+        stages[-1].note = verdict.reason = broken
     first = next((s.name for s in stages if s.divergent), None)
-    kind = None if first is None else ("block" if first.startswith("layer") else first)
+    kind = None if first is None else ("block" if first.startswith("layer") else
+                                       "pool" if first.startswith("pool") else first)
     return Trace(stages, first, HINTS.get(kind, ""), verdict, tolerance)

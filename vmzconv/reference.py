@@ -20,6 +20,9 @@ tables, no PyTorch model. Op semantics follow Caffe2:
   the T stride). The 2018 families (R2D, fR2D, MCx, rMCx) build some stages from 1x3x3 convs
   (``add_simple_block(is_real_3d=False)``): those never stride in time, nor do their shortcuts.
   R2D's conv1 spans the clip (kernel = clip length) with no temporal padding.
+* C3D (``c3d_model.py``): eight 3x3x3 convs with biases, each followed by BN and ReLU; max-pools
+  (kernel = stride, no padding, floor) after conv1a (1x2x2) and conv2a/3b/4b/5b (2x2x2); pool5
+  flattened into fc6 (4608 -> 4096), ReLU, fc7, ReLU, then the classifier.
 * Head: average over T, H, W (VMZ's ``final_avg`` at the default clip is exactly this; for other
   clip sizes parity compares under global pooling), then FC.
 
@@ -49,7 +52,7 @@ STAGES = {"r3d": "3333", "r2d": "2222", "r2df": "2222", "mc2": "2222", "mc3": "3
 # conv1's temporal kernel where the graph code fixes it (create_mcx 3, create_rmcx / create_r2df 1; create_r2d
 # takes the clip length, 8 by default here); R3D, R(2+1)D and CSN take conv1_temporal_kernel 3 or 5.
 STEM_KT = {"r2d": 8, "r2df": 1, "rmc2": 1, "rmc3": 1, "rmc4": 1, "rmc5": 1}
-FAMILIES = ("ircsn", "ipcsn", "r2plus1d", *STAGES)
+FAMILIES = ("ircsn", "ipcsn", "r2plus1d", *STAGES, "c3d")
 CSN = ("ircsn", "ipcsn")
 
 
@@ -83,13 +86,26 @@ def middle(cin: int, cout: int) -> int:
     return int(3 * cin * cout * 3 * 3 / (cin * 3 * 3 + 3 * cout))
 
 
+# C3D (c2/lib/models/c3d_model.py): VGG-style, every 3x3x3 conv (pad 1, with a bias) followed by a SpatialBN
+# ("<conv>_bn") and a ReLU; max-pools without padding after conv1a (1x2x2) and conv2a, 3b, 4b, 5b (2x2x2), so a
+# 16x112x112 clip leaves 512x1x3x3 = 4608 values for fc6; fc6 and fc7 (ReLU, dropout) then last_out_L{N}.
+C3D_CONVS = (("conv1a", 64), ("conv2a", 128), ("conv3a", 256), ("conv3b", 256), ("conv4a", 512), ("conv4b", 512),
+             ("conv5a", 512), ("conv5b", 512))
+C3D_POOL_AFTER = {"conv1a": (1, 2, 2), "conv2a": (2, 2, 2), "conv3b": (2, 2, 2), "conv4b": (2, 2, 2),
+                  "conv5b": (2, 2, 2)}
+C3D_FC = 4096                 # fc6_dim = fc7_dim = 4096 (create_model's defaults)
+C3D_CLIP = (16, 112)          # the input the fc6 width is built for
+
+
 def blob_role(name: str) -> str:
-    """What a parameter blob is: conv_weight, fc_weight, fc_bias, or bn_<s|b|rm|riv>."""
-    for sfx in BN_SUFFIXES:
-        if name.endswith(sfx) and not name.startswith("last_out_L"):
-            return "bn" + sfx
-    if name.startswith("last_out_L"):
+    """What a parameter blob is: conv_weight, conv_bias (C3D), fc_weight, fc_bias, or bn_<s|b|rm|riv>."""
+    if name.startswith(("last_out_L", "fc6_", "fc7_")):
         return "fc_bias" if name.endswith("_b") else "fc_weight"
+    if name.endswith("_b") and name[:-2] in dict(C3D_CONVS):
+        return "conv_bias"
+    for sfx in BN_SUFFIXES:
+        if name.endswith(sfx):
+            return "bn" + sfx
     return "conv_weight"
 
 
@@ -138,6 +154,14 @@ def blob_specs(family: str, depth: int, classes: int, conv1_kt: int | None = Non
     """Every parameter blob (name, shape) a VMZ ``family`` checkpoint holds, in graph order."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    if family == "c3d":
+        specs, cin = [], 3
+        for name, cout in C3D_CONVS:
+            specs += [(name + "_w", (cout, cin, 3, 3, 3)), (name + "_b", (cout,))] + _bn(name + "_bn", cout)
+            cin = cout
+        return specs + [("fc6_w", (C3D_FC, 512 * 3 * 3)), ("fc6_b", (C3D_FC,)), ("fc7_w", (C3D_FC, C3D_FC)),
+                        ("fc7_b", (C3D_FC,)), (f"last_out_L{classes}_w", (classes, C3D_FC)),
+                        (f"last_out_L{classes}_b", (classes,))]
     if family in CSN and depth in (18, 34):
         raise ValueError("CSN exists only as a bottleneck network (depth 50, 101, 152)")
     if family in STAGES and family != "r3d" and depth not in (18, 34):
@@ -216,6 +240,20 @@ def relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0.0, out=x)
 
 
+def max_pool(x: np.ndarray, kernel: tuple, pad: tuple = (0, 0, 0)) -> np.ndarray:
+    """Caffe2 MaxPool with stride = kernel, floor rounding; pads act as -inf (C3D's pools have none)."""
+    xp = np.pad(x, ((0, 0), (0, 0), *((p, p) for p in pad)), constant_values=-np.inf)
+    n, c = x.shape[:2]
+    outs = [(d - k) // k + 1 for d, k in zip(xp.shape[2:], kernel)]
+    out = np.full((n, c, *outs), -np.inf)
+    for dt in range(kernel[0]):
+        for dh in range(kernel[1]):
+            for dw in range(kernel[2]):
+                np.maximum(out, xp[:, :, dt:dt + kernel[0] * outs[0]:kernel[0], dh:dh + kernel[1] * outs[1]:kernel[1],
+                                   dw:dw + kernel[2] * outs[2]:kernel[2]], out=out)
+    return out
+
+
 def max_pool_133(x: np.ndarray) -> np.ndarray:
     """Caffe2 MaxPool kernel (1,3,3), stride (1,2,2), pad (0,1,1); pads act as -inf."""
     n, c, t, h, w = x.shape
@@ -282,9 +320,24 @@ def _block(x: np.ndarray, blobs, family: str, b: Block, depth: int = 18) -> np.n
     return relu(x + y)
 
 
+def _c3d_stages(blobs, x: np.ndarray):
+    """C3D: conv (+ bias), BN, ReLU; a pool after conv1a, 2a, 3b, 4b, 5b. Yields ("pool1", out) ... ("pool5", out)."""
+    for name, _ in C3D_CONVS:
+        w = _w(blobs, name + "_w")
+        x = conv_dense(x, w, (1, 1, 1), (1, 1, 1)) + _w(blobs, name + "_b").reshape(1, -1, 1, 1, 1)
+        x = _bn_relu(x, blobs, name + "_bn")
+        if name in C3D_POOL_AFTER:
+            x = max_pool(x, C3D_POOL_AFTER[name])
+            yield f"pool{name[4]}", x
+
+
 def stages(blobs: Mapping[str, np.ndarray], family: str, depth: int, clip: np.ndarray):
-    """Yields ("stem", out), then ("layerL.j", out) for every block (L = 1-4, j 0-based), float64."""
+    """Yields ("stem", out), then ("layerL.j", out) for every block (L = 1-4, j 0-based), float64; C3D
+    yields its five pools' outputs ("pool1" ... "pool5")."""
     x = np.asarray(clip, dtype=np.float64)
+    if family == "c3d":
+        yield from _c3d_stages(blobs, x)
+        return
     kt = blobs["conv1_w"].shape[2]
     if family == "r2plus1d":
         x = _bn_relu(conv_dense(x, _w(blobs, "conv1_middle_w"), (1, 2, 2), (0, 3, 3)), blobs, "conv1_middle_spatbn_relu")
@@ -304,13 +357,29 @@ def stages(blobs: Mapping[str, np.ndarray], family: str, depth: int, clip: np.nd
         yield f"layer{layer}.{b.index - first[layer]}", x
 
 
-def head(blobs: Mapping[str, np.ndarray], classes: int, x: np.ndarray) -> np.ndarray:
-    """Global average over T, H, W, then the FC ``last_out_L{classes}``."""
-    return x.mean(axis=(2, 3, 4)) @ _w(blobs, f"last_out_L{classes}_w").T + _w(blobs, f"last_out_L{classes}_b")
+def pooled(blobs: Mapping[str, np.ndarray], family: str, x: np.ndarray) -> np.ndarray:
+    """The vector that feeds the classifier: the global average over T, H, W of the last block; for C3D,
+    pool5 flattened (C, T, H, W order, as Caffe2's FC reads it) through fc6 + ReLU, fc7 + ReLU (dropout is
+    the identity in test mode)."""
+    if family != "c3d":
+        return x.mean(axis=(2, 3, 4))
+    x = x.reshape(x.shape[0], -1)
+    for fc in ("fc6", "fc7"):
+        w = _w(blobs, fc + "_w")
+        if w.shape[1] != x.shape[1]:
+            raise ValueError(f"{fc}_w takes {w.shape[1]} inputs, pool5 gives {x.shape[1]} (C3D's fc6 is built for "
+                             f"a {C3D_CLIP[0]}x{C3D_CLIP[1]}x{C3D_CLIP[1]} clip)")
+        x = relu(x @ w.T + _w(blobs, fc + "_b"))
+    return x
+
+
+def head(blobs: Mapping[str, np.ndarray], classes: int, x: np.ndarray, family: str = "r3d") -> np.ndarray:
+    """:func:`pooled`, then the FC ``last_out_L{classes}``."""
+    return pooled(blobs, family, x) @ _w(blobs, f"last_out_L{classes}_w").T + _w(blobs, f"last_out_L{classes}_b")
 
 
 def forward(blobs: Mapping[str, np.ndarray], family: str, depth: int, classes: int, clip: np.ndarray) -> np.ndarray:
     """Logits [N, classes] of the VMZ test graph on ``clip`` (N, 3, T, H, W, already normalised)."""
     for _, x in stages(blobs, family, depth, clip):
         pass
-    return head(blobs, classes, x)
+    return head(blobs, classes, x, family)

@@ -27,6 +27,11 @@ _2018 = ("r2d", "r2df", "mc2", "mc3", "mc4", "mc5", "rmc2", "rmc3", "rmc4", "rmc
 _MM_R2D = ("MMAction2's ResNet3d pads its stem conv by (k-1)//2 in time, and VMZ's R2D conv1 spans the clip "
            "unpadded, so no ResNet3d config computes it; use --target torchvision")
 _PTV_2018 = "pytorchvideo has no model with per-stage 2-D/3-D convolutions; use --target torchvision"
+_MM_C3D = ("MMAction2's C3D pads pool5 (0, 1, 1), so its fc6 takes 8192 values where VMZ's takes 4608, and its "
+           "ConvModules drop the conv biases once BN is on, which VMZ's C3D keeps; use --target pytorch")
+_NOT_C3D = "only C3D (no library holds VMZ's C3D) is written as a plain PyTorch module; use --target torchvision"
+_C3D_ONLY = "this layout holds video ResNets; VMZ's C3D is written with --target pytorch"
+_RESNETS = ("ircsn", "ipcsn", "r2plus1d", "r3d", *_2018)
 
 
 @dataclass(frozen=True)
@@ -49,27 +54,30 @@ class Target:
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("mmaction2", "mmaction2", True, ("cls_head.fc_cls.weight", "cls_head.fc_cls.bias"),
            "backbone.conv1.conv.weight", lambda k: "backbone.conv1.conv.weight" in k,
-           {"r2plus1d": _MM_R21D, "r2d": _MM_R2D},
+           {"r2plus1d": _MM_R21D, "r2d": _MM_R2D, "c3d": _MM_C3D},
            "MMAction2 Recognizer3D (ResNet3dCSN / ResNet3d + I3DHead; load_from=)"),
     Target("mmaction2-backbone", "mmaction2_backbone", False, None, "conv1.conv.weight",
            lambda k: "conv1.conv.weight" in k and "layer1.0.conv1.conv.weight" in k,
-           {"r2plus1d": _MM_R21D, "r2d": _MM_R2D},
+           {"r2plus1d": _MM_R21D, "r2d": _MM_R2D, "c3d": _MM_C3D},
            "the MMAction2 backbone alone (backbone.pretrained=)"),
     Target("torchvision", "torchvision", True, ("fc.weight", "fc.bias"), "stem.0.weight",
-           lambda k: "stem.0.weight" in k and "fc.weight" in k, {},
+           lambda k: "stem.0.weight" in k and "fc.weight" in k, {"c3d": _C3D_ONLY},
            "torchvision VideoResNet module names (VMZ's PyTorch hub, ig65m-pytorch)", stem_temporal_key="stem.3.weight"),
     Target("pytorchvideo", "pytorchvideo", True, ("blocks.5.proj.weight", "blocks.5.proj.bias"),
            "blocks.0.conv.weight", lambda k: "blocks.0.conv.weight" in k,
            {"ipcsn": "pytorchvideo's create_csn has no interaction-preserved block: its conv_b is a single "
                      "depthwise conv, so ip-CSN's extra 1x1x1 conv + BN has nowhere to go; use --target "
                      "torchvision or mmaction2",
-            "r2plus1d": _PTV_R21D, "r3d": _PTV_R3D} | dict.fromkeys(_2018, _PTV_2018),
+            "r2plus1d": _PTV_R21D, "r3d": _PTV_R3D, "c3d": _C3D_ONLY} | dict.fromkeys(_2018, _PTV_2018),
            "pytorchvideo create_csn (ir-CSN only)"),
+    Target("pytorch", "pytorch", True, ("fc8.weight", "fc8.bias"), "conv1a.weight",
+           lambda k: "conv1a.weight" in k and "fc6.weight" in k, dict.fromkeys(_RESNETS, _NOT_C3D),
+           "a plain PyTorch module defined by the card's build lines (VMZ's C3D)"),
 )}
 TARGET_NAMES = tuple(TARGETS)
 # The layout each family is written in unless --target says otherwise.
 DEFAULT_TARGET = {"ircsn": "mmaction2", "ipcsn": "mmaction2", "r2plus1d": "torchvision", "r3d": "torchvision",
-                  **dict.fromkeys(_2018, "torchvision")}
+                  **dict.fromkeys(_2018, "torchvision"), "c3d": "pytorch"}
 
 
 def get_target(name: str) -> Target:
@@ -105,10 +113,45 @@ _TV_CONV2PLUS1D = """class Conv2Plus1D(nn.Sequential):      # torchvision's, wit
 """
 
 
+_C3D_CLASS = """import torch
+from torch import nn
+
+
+class C3D(nn.Module):                      # VMZ's c3d_model.py: conv biases AND BN (eps 1e-3), pool5 unpadded
+    def __init__(self, num_classes):
+        super().__init__()
+        cin = 3
+        for name, cout in (("1a", 64), ("2a", 128), ("3a", 256), ("3b", 256), ("4a", 512), ("4b", 512),
+                           ("5a", 512), ("5b", 512)):
+            self.add_module("conv" + name, nn.Conv3d(cin, cout, 3, padding=1))
+            self.add_module("bn" + name, nn.BatchNorm3d(cout, eps=1e-3))
+            cin = cout
+        self.pool1 = nn.MaxPool3d((1, 2, 2), (1, 2, 2))
+        self.pool = nn.MaxPool3d(2, 2)      # pool2 .. pool5: no padding
+        self.fc6, self.fc7 = nn.Linear(512 * 3 * 3, 4096), nn.Linear(4096, 4096)
+        self.fc8 = nn.Linear(4096, num_classes)
+
+    def forward(self, x):                  # x: N x 3 x 16 x 112 x 112
+        for name in ("1a", "2a", "3a", "3b", "4a", "4b", "5a", "5b"):
+            x = torch.relu(getattr(self, "bn" + name)(getattr(self, "conv" + name)(x)))
+            if name == "1a":
+                x = self.pool1(x)
+            elif name in ("2a", "3b", "4b", "5b"):
+                x = self.pool(x)
+        x = torch.relu(self.fc6(x.flatten(1)))     # dropout at training time only
+        x = torch.relu(self.fc7(x))
+        return self.fc8(x)
+
+
+"""
+
+
 def recipe(target: str, arch) -> str:
     """Python lines that build, in the consumer library itself, the model a ``target`` file of ``arch``
     loads into with ``strict=True`` and computes the same logits with ("" for MMAction2: see the config)."""
     fam, layers = arch.fam, list(arch.layers)
+    if target == "pytorch":
+        return f"{_C3D_CLASS}model = C3D(num_classes={arch.num_classes})"
     block = "BasicBlock" if arch.kind == "simple" else "Bottleneck"
     if target == "torchvision":
         if fam.name == "r3d" and arch.depth == 18 and arch.conv1_kt == 3:

@@ -8,20 +8,20 @@ from torch import nn
 
 from ..arch import Arch
 from ..targets import get_target
-from . import layouts
+from . import c3d, layouts
 from .trunk import BN_EPS, VideoResNet
 
 __all__ = ["BN_EPS", "BUILDERS", "VideoResNet", "build_model", "fill", "fold_bn", "logits"]
 
 # Target.layout -> the function that renders the trunk under that library's module names.
 BUILDERS = {"mmaction2": layouts.mmaction2, "mmaction2_backbone": layouts.mmaction2_backbone,
-            "torchvision": layouts.torchvision, "pytorchvideo": layouts.pytorchvideo}
+            "torchvision": layouts.torchvision, "pytorchvideo": layouts.pytorchvideo, "pytorch": c3d.build}
 
 
 def build_model(target: str, arch: Arch, empty: bool = False, **faults) -> VideoResNet:
     """The reference model of ``arch`` in ``target``'s layout. ``empty`` builds it on the meta
     device (shapes only, no memory), to be filled with :func:`fill`. ``faults`` (``pool``,
-    ``bn_eps``) change the PyTorch side only: they exist to show that parity catches them, and
+    ``bn_eps``; C3D's ``pool5_pad``) change the PyTorch side only: they exist to show that parity catches them, and
     to reproduce a consumer that builds the model differently (``parity --trace --bn-eps``)."""
     t = get_target(target)
     t.check(arch.family, arch.name)

@@ -205,11 +205,15 @@ class VideoResNet(nn.Module):
             x = self.get_submodule(path)(x)
             yield name, x
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's output -> the vector the classifier reads: the global average."""
+        return x.mean(dim=(2, 3, 4))
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The globally pooled vector [N, C] that feeds the classifier."""
         for _, x in self.stages(x):
             pass
-        return x.mean(dim=(2, 3, 4))
+        return self.pooled(x)
 
     @property
     def has_head(self) -> bool:
