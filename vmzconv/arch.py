@@ -53,6 +53,7 @@ class Family:
     stem_kts: tuple[int, ...] = (3, 5)  # conv1 temporal kernels VMZ builds ("clip" stems: any, = clip length)
     scheme: str | None = None          # blob-naming scheme = the mapping tables it uses (default: its own name)
     default_kt: int = 3                # conv1's temporal kernel when nothing says otherwise
+    visual: str | None = None          # audio-visual: the family of its visual tower ("v_" blobs)
 
     def arch_names(self) -> tuple[str, ...]:
         if not self.resnet:
@@ -61,8 +62,12 @@ class Family:
 
     @property
     def resnet(self) -> bool:
-        """Every family but C3D (VGG-style, one depth) is a VMZ video ResNet."""
+        """Every family but C3D (VGG-style, one depth) is a VMZ video ResNet (audio-visual: its visual tower)."""
         return self.stem != "c3d"
+
+    @property
+    def av(self) -> bool:
+        return self.visual is not None
 
     @property
     def stage_kinds(self) -> tuple[str, ...]:
@@ -167,6 +172,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("c3d", "C3D", (8,), "c3d", "c3d", False, _R21D_PROTOCOL | {"clip_len": 16}, (16, 112),
            lambda blobs, names: "conv1a_w" in names),
 )}
+
+
+def _av_family(visual: Family) -> Family:
+    """VMZ's create_av_resnet around ``visual``: the same trunk under "v_" names (the visual family's stem,
+    pool1 and protocol: the zoo's 110.1 GFLOPs for AV ip-CSN-152 against 108.8 for ip-CSN-152 say pool1 ran),
+    an audio ResNet on log-mels under "a_" names, and the fusion head."""
+    return Family(f"av_{visual.name}", f"audio-visual {visual.title}", visual.depths, visual.conv_maker, visual.stem,
+                  visual.pool1, visual.protocol, visual.parity_clip, lambda blobs, names: False,
+                  simple_marker=visual.simple_marker, scheme="av", visual=visual.name)
+
+
+# model_blocktype of audio_visual_model.py: r2plus1d, r3d, ir-csn, ip-csn
+FAMILIES.update({f.name: f for f in (_av_family(FAMILIES[v]) for v in ("ircsn", "ipcsn", "r2plus1d", "r3d"))})
 ARCH_NAMES = tuple(n for f in FAMILIES.values() for n in f.arch_names())
 
 
@@ -176,6 +194,7 @@ class Arch:
     depth: int
     num_classes: int       # from last_out_L{N}
     conv1_kt: int | None = None     # temporal kernel of the stem's (temporal) conv; None: the family's usual
+    gblend: bool = False   # audio-visual: the G-Blend heads a_last_out / v_last_out are present
 
     def __post_init__(self):
         for field_name in ("depth", "num_classes", "conv1_kt"):
@@ -238,8 +257,26 @@ class Arch:
     def feature_dim(self) -> int:
         return {"simple": 512, "bottleneck": 2048, "vgg": C3D_FC}[self.kind]
 
+    @property
+    def visual(self) -> "Arch":
+        """An audio-visual arch's visual tower as an ordinary arch of its family (itself otherwise)."""
+        if not self.fam.av:
+            return self
+        return Arch(self.fam.visual, self.depth, self.num_classes, self.conv1_kt)
+
     def describe(self) -> str:
-        return f"{self.name} ({self.num_classes} classes, conv1 temporal kernel {self.conv1_kt})"
+        extra = ", G-Blend heads" if self.gblend else ""
+        return f"{self.name} ({self.num_classes} classes, conv1 temporal kernel {self.conv1_kt}{extra})"
+
+
+def arch_from_card(meta: dict) -> Arch:
+    """The Arch a converted file's meta records (arch, num_classes, conv1_temporal_kernel, gblend)."""
+    family, depth = parse_arch_name(meta["arch"])
+    kt = meta.get("conv1_temporal_kernel")
+    gblend = meta.get("gblend", False)
+    if not isinstance(gblend, bool):
+        raise ArchError(f"meta field 'gblend' must be true or false, not {str(gblend)[:20]!r}")
+    return Arch(family, depth, int(meta["num_classes"]), None if kt is None else int(kt), gblend=gblend)
 
 
 def _kts(kts: tuple[int, ...]) -> str:
@@ -251,8 +288,8 @@ def parse_arch_name(name: str) -> tuple[str, int]:
         raise ArchError(f"unknown --arch {str(name)[:40]!r}; choose one of {', '.join(ARCH_NAMES)} or auto")
     if name in FAMILIES:                 # one-depth families (C3D) are named without a depth
         return name, FAMILIES[name].depths[0]
-    m = re.fullmatch(r"([a-z0-9]+)_r(\d+)", name)
-    return m.group(1), int(m.group(2))
+    family, depth = name.rsplit("_r", 1)
+    return family, int(depth)
 
 
 # -- detection -------------------------------------------------------------------------------
@@ -265,8 +302,14 @@ def _refuse_other_models(blobs: Blobs, names: set) -> None:
     if outputs and "conv1_w" not in names:
         raise ArchError(f"{src}: this is a VMZ feature-extraction output (activations such as "
                         f"{', '.join(sorted(outputs))}), not a model checkpoint")
-    if any(n.startswith(("v_comp_", "a_comp_", "v_conv1", "a_conv1", "v_last_out", "a_last_out")) for n in names):
-        raise ArchError(f"{src}: an audio-visual VMZ model (v_/a_ prefixed blobs) — not supported")
+    if any(n.startswith(("v_", "a_")) for n in names):
+        if not any(n.startswith(("v_conv1", "v_comp_")) for n in names):
+            raise ArchError(f"{src}: an audio-only VMZ model (a_ blobs without a visual tower; VMZ's a_resnet "
+                            "names its blobs without a prefix) — not supported")
+        return
+    if "conv1_w" in names and len(_shape(blobs, "conv1_w")) == 4:
+        raise ArchError(f"{src}: an audio-only VMZ a_resnet (2-D conv1_w {list(_shape(blobs, 'conv1_w'))} on "
+                        "log-mels) — not supported; its audio-visual models are")
     if "conv1a_w" in names:
         return
     first = "conv1_middle_w" if "conv1_middle_w" in names else "conv1_w"
@@ -310,6 +353,8 @@ def candidates(blobs: Blobs) -> list[Arch]:
     _refuse_other_models(blobs, names)
     if "conv1a_w" in names:
         return [_c3d_arch(blobs, names)]
+    if any(n.startswith("v_") for n in names):
+        return _av_archs(blobs, names)
     fams = [f for f in FAMILIES.values() if f.resnet and f.recognise(blobs, names)]
     kinds = _plain_stage_kinds(blobs, names)
     if not fams and kinds not in (None, ("3d",) * 4):
@@ -356,6 +401,32 @@ def _classes(blobs: Blobs, names: set) -> int:
         found = ", ".join(f"last_out_L{h}_w" for h in heads) or "none"
         raise ArchError(f"{blobs.source}: expected exactly one classifier blob last_out_L<N>_w, found {found}")
     return heads[0]
+
+
+def _av_archs(blobs: Blobs, names: set) -> list[Arch]:
+    """create_av_resnet: the visual tower is recognised as its family would be from the "v_" blobs (with the
+    joint head's class count), the audio tower must be there, and the G-Blend heads come in pairs."""
+    src = blobs.source
+    classes = _classes(blobs, names)
+    for blob, want in (("a_conv1_w", (16, 1, 3, 3)), (f"av_fc1_w", None), (f"av_fc2_w", None)):
+        if blob not in names or (want and _shape(blobs, blob) != want):
+            shown = list(_shape(blobs, blob)) if blob in names else "missing"
+            raise ArchError(f"{src}: an audio-visual VMZ model (v_ blobs) whose {blob} is {shown}"
+                            + (f" (VMZ's: {list(want)})" if want else ""))
+    heads = [f"{t}_last_out_L{classes}_w" in names for t in "av"]
+    if heads[0] != heads[1]:
+        raise ArchError(f"{src}: G-Blend heads come in pairs; found only {'a' if heads[0] else 'v'}_last_out_L{classes}")
+    view = {n[2:]: a for n, a in blobs.arrays.items() if n.startswith("v_") and not n.startswith("v_last_out_L")}
+    view.update({n: blobs[n] for n in (f"last_out_L{classes}_w", f"last_out_L{classes}_b") if n in names})
+    visual = Blobs(src, view)
+    found = []
+    for a in candidates(visual):
+        av = f"av_{a.family}"
+        if av not in FAMILIES:
+            raise ArchError(f"{src}: an audio-visual model whose visual tower is {a.fam.title}; VMZ builds them "
+                            "around R(2+1)D, R3D, ir-CSN and ip-CSN")
+        found.append(Arch(av, a.depth, classes, a.conv1_kt, gblend=all(heads)))
+    return found
 
 
 def _c3d_arch(blobs: Blobs, names: set) -> Arch:

@@ -204,6 +204,10 @@ _tolerance_option = click.option(
               help="Use this mapping table (TOML) instead of the built-in one.")
 @click.option("--parity/--no-parity", "check_parity", default=True, show_default=True,
               help="Compare logits with the NumPy Caffe2 reference before writing.")
+@click.option("--tower", type=click.Choice(["all", "visual"]), default="all", show_default=True,
+              help="Audio-visual files: visual writes the visual tower alone as an ordinary file of its family in "
+                   "--target's layout (ip-CSN: an MMAction2 ResNet3dCSN backbone), its classifier the G-Blend "
+                   "visual head; without G-Blend heads, a backbone (mmaction2-backbone) only.")
 @_parity_clip_option
 @_tolerance_option
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
@@ -213,7 +217,7 @@ _tolerance_option = click.option(
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def convert(src, out, arch, target, keep_head, publish, date, card, print_config, check_consumer, mapping_path,
-            check_parity, parity_clip, tolerance, force, allow_non_finite, max_bytes, as_json, quiet):
+            check_parity, tower, parity_clip, tolerance, force, allow_non_finite, max_bytes, as_json, quiet):
     """Convert SRC (a VMZ .pkl) to OUT (.pth or .safetensors, by suffix).
 
     Reads SRC without executing it, maps every blob through a declarative table,
@@ -228,7 +232,8 @@ def convert(src, out, arch, target, keep_head, publish, date, card, print_config
         res = convert_file(src, out, arch=arch, target=target, mapping_path=mapping_path, check_parity=check_parity,
                            parity_clip=parse_clip(parity_clip), tolerance=tolerance, force=force,
                            keep_head=keep_head, card=card, publish=publish, date=date, max_bytes=max_bytes,
-                           progress=stages, consumer=check_consumer, allow_non_finite=allow_non_finite)
+                           progress=stages, consumer=check_consumer, allow_non_finite=allow_non_finite,
+                           tower=tower)
     finally:
         stages.close()
     _written(res.output, res.card)
@@ -488,6 +493,9 @@ _RUNTIME_OPTIONS = (
                       "reproducible for a fixed value."),
     click.option("--graph-cache", type=click.Path(file_okay=False),
                  help="Folder for the ONNX runtimes' graphs (default: $VMZCONV_CACHE, else ~/.cache/vmzconv)."),
+    click.option("--silent-audio", is_flag=True,
+                 help="Audio-visual models: give a video without an audio stream zero log-mels (marked as such in "
+                      "the output) instead of refusing it."),
 )
 _PROTOCOL_KEYS = ("clip_len", "frame_interval", "num_clips", "short_side", "resize", "crop_size", "num_crops")
 
@@ -526,7 +534,7 @@ def _run_settings(kw: dict, max_views: int | None = None):
     norm = Norm(kw.pop("norm"), kw.pop("mean"), kw.pop("std"))
     rt = RuntimeOptions(device=kw.pop("device"), precision=kw.pop("precision"), max_views=max_views,
                         workers=kw.pop("workers"), threads=kw.pop("threads"), runtime=kw.pop("runtime"),
-                        graph_cache=kw.pop("graph_cache"))
+                        graph_cache=kw.pop("graph_cache"), silent_audio=kw.pop("silent_audio"))
     return _protocol_overrides(kw), norm, rt
 
 
@@ -690,12 +698,14 @@ def predict(ckpt, videos, top_k, labels, arch, max_views, as_json, **kw):
                                         protocol_overrides=protocol, norm=norm, runtime=rt)
     if as_json:
         click.echo(json.dumps([{"video": r.video, "top": [{"index": c, "name": n, "probability": pr}
-                                                          for c, n, pr in r.top]} for r in results], indent=2))
+                                                          for c, n, pr in r.top]}
+                               | ({"silent_audio": True} if r.silent_audio else {}) for r in results], indent=2))
         return
     click.echo(f"{safe(ckpt)} ({conv.arch.name}, {conv.arch.num_classes} classes); protocol "
                f"{_describe_protocol(p.to_dict())}; {how['runtime']} {how['precision']} on {how['device']}")
     for r in results:
-        click.echo(safe(r.video))
+        click.echo(safe(r.video) + ("   (no audio stream: the audio tower saw silence, --silent-audio)"
+                                    if r.silent_audio else ""))
         rows = [[f"  {k + 1}.", f"{pr * 100:6.2f}%", f"[{c}]", n or "(no class names for this model)"]
                 for k, (c, n, pr) in enumerate(r.top)]
         click.echo(render_table(rows, right=(1,)))
@@ -709,8 +719,11 @@ def predict(ckpt, videos, top_k, labels, arch, max_views, as_json, **kw):
 @click.option("--ann", type=click.Path(exists=True, dir_okay=False),
               help="Instead of VIDEOS: a list (one video per line, or any list verify reads) under --data-root.")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False), help="Folder the --ann paths are under.")
-@click.option("--layer", type=click.Choice(["pool", "logits", "probs"]), default="pool", show_default=True,
-              help="pool: the globally pooled vector that feeds the classifier (2048-d, 512-d for depth 18/34).")
+@click.option("--layer", type=click.Choice(["pool", "logits", "probs", "audio", "fused"]), default="pool",
+              show_default=True,
+              help="pool: the globally pooled vector that feeds the classifier (2048-d, 512-d for depth 18/34; C3D: "
+                   "fc7's 4096; audio-visual: the visual tower's). Audio-visual files also: audio (the audio tower's "
+                   "pooled vector) and fused (av_fc2's output, what the joint classifier reads).")
 @click.option("--stride", type=click.IntRange(min=1), help="Frames between window starts (default: clip_len x interval).")
 @click.option("--tail", type=click.Choice(["pad", "shift", "drop"]), default="pad", show_default=True,
               help="Frames after the last whole window: pad = one more window from the next start, the last frame "

@@ -47,9 +47,7 @@ def _card(path: str | Path) -> tuple[dict, arch_mod.Arch]:
     if not meta.get("arch") or not meta.get("target"):
         raise InputError(f"{path}: no vmzconv meta (arch, target) in this file; configs are printed for files "
                          "vmzconv converted")
-    family, depth = arch_mod.parse_arch_name(meta["arch"])
-    kt = meta.get("conv1_temporal_kernel")
-    return meta, arch_mod.Arch(family, depth, int(meta["num_classes"]), None if kt is None else int(kt))
+    return meta, arch_mod.arch_from_card(meta)
 
 
 def _backbone(a: arch_mod.Arch, pretrained: str | None, frozen_bn: bool) -> dict:

@@ -45,6 +45,17 @@ def input_spec(a: arch_mod.Arch) -> dict:
         spec["clip_len"] = a.clip_len
     views = a.fam.protocol["num_clips"] * a.fam.protocol["num_crops"]
     spec["aggregation"] = f"softmax per view, mean over the {views} views"
+    if a.fam.av:
+        from .video import audio as A
+
+        spec["audio"] = {
+            "shape": [1, A.MEL_FRAMES, A.MEL_FILTERS], "layout": "N x 1 x time x mel", "normalisation": "none",
+            "source": f"the video's first audio stream, decoded and resampled to {A.SAMPLE_RATE} Hz mono float",
+            "logmels": f"{A.MEL_FILTERS} mel filters 0-{A.SAMPLE_RATE // 2} Hz, {A.WINDOW_MS} ms Hann windows every "
+                       f"{A.STEP_MS} ms, power x {A.GAIN}, ln (VMZ ops/LogMels.cc)",
+            "alignment": "the clip's span of frames stretched to 100 log-mel rows (AVInput align_audio=1)",
+            "silent": "a video without an audio stream is an error; --silent-audio feeds zeros and marks the output",
+        }
     return spec
 
 
@@ -60,6 +71,7 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
         "depth": int(a.depth),
         "num_classes": int(a.num_classes),
         "conv1_temporal_kernel": int(a.conv1_kt),
+        **({"gblend": bool(a.gblend)} if a.fam.av else {}),
         "target": target,
         "options": options,
         "mapping": {"table": table.name, "builtin": builtin_table, "sha256": table.sha256},
@@ -133,6 +145,30 @@ def check_consumer(target: str, a: arch_mod.Arch, state_dict, blobs: Blobs, clip
     return parity.compare(ours, ref, tolerance, clip.shape)
 
 
+def visual_tower(blobs: Blobs, a: arch_mod.Arch, headless_ok: bool) -> tuple[Blobs, arch_mod.Arch, list[str]]:
+    """An audio-visual file's visual tower as an ordinary file of its family: its "v_" blobs unprefixed, with
+    the G-Blend visual head (v_last_out_L{N}) as its classifier. Without G-Blend heads there is no visual
+    classifier: only a backbone layout takes it (the joint head then only probes parity, and is dropped)."""
+    if not a.fam.av:
+        raise VmzconvError(f"{blobs.source}: --tower visual is for audio-visual files; this is {a.name}")
+    n = a.num_classes
+    view = {name[2:]: arr for name, arr in blobs.arrays.items()
+            if name.startswith("v_") and not name.startswith("v_last_out_L")}
+    if a.gblend:
+        view.update({f"last_out_L{n}{s}": blobs[f"v_last_out_L{n}{s}"] for s in ("_w", "_b")})
+    elif headless_ok:
+        view.update({f"last_out_L{n}{s}": blobs[f"last_out_L{n}{s}"] for s in ("_w", "_b")})
+    else:
+        raise VmzconvError(f"{blobs.source}: no G-Blend heads, so no classifier on the visual tower alone; "
+                           "--target mmaction2-backbone writes the trunk without one")
+    left = len(blobs) - sum(1 for b in blobs.names() if b.startswith("v_"))
+    note = (f"the visual tower of the audio-visual {a.name} ({blobs.source}): weights from its audio-visual "
+            f"training; {left} audio-tower and fusion blobs left out"
+            + ("; its classifier is the G-Blend visual head v_last_out" if a.gblend else ""))
+    view_blobs = Blobs(blobs.source, view, blobs.sha256, blobs.size, list(blobs.notes))
+    return view_blobs, a.visual, [note]
+
+
 def choose_target(a: arch_mod.Arch, target: str, keep_head: bool) -> tuple[str, list[str]]:
     """``auto`` is the family's usual layout; pretraining-only class counts go to MMAction2 as a
     backbone unless the head is wanted (layouts that always keep the head ignore --keep-head)."""
@@ -166,8 +202,9 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
             parity_clip=None, tolerance: float = parity.DEFAULT_TOLERANCE,
             force: bool = False, keep_head: bool = False, card: bool = True,
             publish: str | None = None, date: str | None = None, max_bytes: int | None = None,
-            progress=None, consumer: bool = False, allow_non_finite: bool = False) -> Result:
-    """Convert one VMZ pickle. Raises a VmzconvError (and writes nothing) on any failure.
+            progress=None, consumer: bool = False, allow_non_finite: bool = False, tower: str = "all") -> Result:
+    """Convert one VMZ pickle. Raises a VmzconvError (and writes nothing) on any failure. ``tower="visual"``:
+    an audio-visual file's visual tower alone, as an ordinary file of its family.
 
     ``out`` is the output file, or with ``publish`` the folder that receives
     ``PUBLISH_YYYYMMDD-<sha8>.pth``. ``parity_clip`` (T, H) defaults to the family's.
@@ -181,11 +218,21 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
     else:
         out = checkpoint.prepare_publish_folder(out)
     options = ({"arch": arch, "target": target} | ({"keep_head": True} if keep_head else {})
-               | ({"parity_clip": list(parity_clip)} if parity_clip else {}))
+               | ({"parity_clip": list(parity_clip)} if parity_clip else {}) | ({"tower": tower} if tower != "all" else {}))
     step("read")
     blobs = read_blobs(src, max_bytes)
     a = arch_mod.resolve(blobs, arch)
+    tower_notes: list[str] = []
+    whole = a
+    if tower == "visual":
+        headless = target == "mmaction2-backbone" or (target in (None, "", "auto") and not a.gblend)
+        blobs, a, tower_notes = visual_tower(blobs, a, headless)
+        if target in (None, "", "auto") and headless:
+            target = "mmaction2-backbone"
+    elif tower != "all":
+        raise VmzconvError(f"--tower {tower!r}: all or visual")
     target, notes = choose_target(a, target, keep_head)
+    notes = tower_notes + notes
     step("map")
     model, table, mapped = map_blobs(blobs, a, target, mapping_path)
     if not allow_non_finite:        # a sum per tensor: torch.isfinite allocated a full boolean copy of each
@@ -211,6 +258,13 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
     step("write")
     meta = build_meta(blobs, a, target, table, mapped, verdict, builtin_table=mapping_path is None, notes=notes,
                       options=options)
+    if tower == "visual":
+        entry = zoo.lookup(blobs.source)
+        meta["tower"] = "visual"
+        meta["tower_of"] = {"arch": whole.name, "gblend": bool(whole.gblend),
+                            "pretrain": entry["pretrain"] if entry and entry["arch"] == whole.name else None,
+                            "weights": "trained as the visual tower of an audio-visual model (VMZ "
+                                       "audio_visual_model.py); the audio tower and fusion head are not in this file"}
     if publish is not None:
         day = date or datetime.date.today().strftime("%Y%m%d")
         out, sha = checkpoint.save_published(out, publish, day, mapped.state_dict, meta, force=force)
@@ -232,6 +286,8 @@ def parity_of(src: str | Path, converted: str | Path, clip=None, tolerance: floa
 
     blobs = read_blobs(src)
     a = arch_mod.detect(blobs)
+    if a.fam.av and checkpoint.load_meta(converted).get("tower") == "visual":
+        blobs, a, _ = visual_tower(blobs, a, headless_ok=True)
     conv = load_converted(converted, a, allow_non_finite=True, **({"bn_eps": bn_eps} if bn_eps is not None else {}))
     head = None
     if not conv.target.has_head:

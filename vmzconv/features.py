@@ -31,23 +31,30 @@ from .video import annotations
 from .video.decode import DecodeError, open_video
 from .video.windows import CROPS, TAILS, Shaper, ShortVideo, SlidingPlan, Windows, cut, snippet_plan
 
-LAYERS = ("pool", "logits", "probs")
+LAYERS = ("pool", "logits", "probs", "audio", "fused")     # audio, fused: audio-visual files only
+RUN_OUTPUT = {"pool": "features", "logits": "logits", "probs": "logits", "audio": "audio", "fused": "fused"}
 FORMATS = ("npy", "h5")
 INDEX_HEADER = ["video", "row", "start_frame", "end_frame", "start_sec", "end_sec", "fps", "windows"]
 
 
-def window_chunks(path: str, w: Windows, batch: int):
+def window_chunks(path: str, w: Windows, batch: int, audio: str | None = None):
     """(uint8 views [B * crops, T, h, w, 3], info) for the windows of one video, ``batch`` windows at a
     time, cut while the video streams past (one open of the file); info = {fps, windows: [(start,
-    end_frame)], crops}."""
+    end_frame)], crops}. With ``audio`` (audio-visual models: "need" or "silent") the views come as an
+    :class:`inference.AVViews` with each window's log-mels."""
     with open_video(path) as video:
         rate = w.fps or video.rate
         if not rate:
             raise DecodeError(f"{path}: the video does not say its frame rate (use --fps)")
-        if w.num_snippets:                      # N windows spread over the whole video: its length first
+        track = None
+        if w.num_snippets or audio:             # N windows spread over the whole video: its length first
             n = video.count_at(w.fps)
             if n < 1:
                 raise DecodeError(f"{path}: no decodable frames")
+        if audio:
+            from .video.audio import Track
+
+            track = Track(path, n, w.span, audio == "silent")
             layout = w.layout(n)
             plan, where = snippet_plan(layout, w.clip_len), layout.__getitem__
         else:
@@ -58,6 +65,11 @@ def window_chunks(path: str, w: Windows, batch: int):
             views = np.concatenate([v for _, v in pending])
             info = {"fps": rate, "windows": [(s, e) for (s, e, _), _ in pending], "crops": int(pending[0][1].shape[0])}
             pending.clear()
+            if track is not None:
+                from .inference import AVViews
+
+                clips = track.clips([s for s, _ in info["windows"]])
+                views = AVViews(views, np.repeat(clips, info["crops"], axis=0), track.silent)
             return views, info
 
         produced = False
@@ -183,8 +195,9 @@ def run(opts: Options) -> Summary:
     planned = ["index.csv", "skipped.txt"] + (["features.h5"] if opts.fmt == "h5" else
                                                [f"{n}{ext}" for n in names for ext in (".npy", ".json")])
     rt = replace(opts.runtime, max_views=opts.batch * (3 if opts.crop == "three" else 1))
-    need = f"{opts.ckpt}: a backbone-only file has no classifier; use --layer pool" if opts.layer != "pool" else None
-    with open_run(opts.ckpt, opts.arch, rt, "features" if opts.layer == "pool" else "logits",
+    need = (f"{opts.ckpt}: a backbone-only file has no classifier; use --layer pool"
+            if opts.layer in ("logits", "probs") else None)
+    with open_run(opts.ckpt, opts.arch, rt, RUN_OUTPUT[opts.layer],
                   opts.protocol_overrides, opts.norm, need, opts.quiet) as r:
         # Everything checkable is checked (the checkpoint too) before the output folder is made.
         wins = _windows(opts, r.protocol)
@@ -229,7 +242,8 @@ def _run(opts: Options, r, items, names, out_dir: Path, wins: Windows) -> Summar
     bar = tqdm(unit="window", desc="features", file=sys.stderr, disable=opts.quiet or rank != 0 or not sys.stderr.isatty())
     acc: dict[int, list] = {}
     skipped: dict[int, str] = {}
-    load = functools.partial(_item_chunks, w=wins, batch=opts.batch)
+    silent: set[int] = set()
+    load = functools.partial(_item_chunks, w=wins, batch=opts.batch, audio=r.audio)
     try:
         for out in r.stream([items[i] for i in todo], load):
             i = out.item.index
@@ -241,8 +255,10 @@ def _run(opts: Options, r, items, names, out_dir: Path, wins: Windows) -> Summar
                     acc.pop(i, None)
                     continue
                 rows, info_windows, fps = _gather(acc.pop(i, []))
-                _write_video(parts, names[i], rows, info_windows, fps, record)
+                _write_video(parts, names[i], rows, info_windows, fps, record, i in silent)
                 continue
+            if out.silent:
+                silent.add(i)
             c = out.info["crops"]
             value = out.value
             if opts.layer == "probs":            # softmax per view, then the crops' mean (as verify)
@@ -264,8 +280,8 @@ def _run(opts: Options, r, items, names, out_dir: Path, wins: Windows) -> Summar
                    total, dim, index, h5)
 
 
-def _item_chunks(item, w: Windows, batch: int):
-    return window_chunks(item.path, w, batch)
+def _item_chunks(item, w: Windows, batch: int, audio: str | None = None):
+    return window_chunks(item.path, w, batch, audio)
 
 
 def _gather(chunks: list):
@@ -361,12 +377,15 @@ def _h5_videos(out_dir: Path, record: dict, names: list[str]) -> dict:
     return found
 
 
-def _write_video(parts: Path, name: str, rows: np.ndarray, windows: list, fps: float, record: dict) -> None:
+def _write_video(parts: Path, name: str, rows: np.ndarray, windows: list, fps: float, record: dict,
+                 silent_audio: bool = False) -> None:
     (parts / name).parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.save(buf, rows)
     write_atomic(parts / f"{name}.npy", lambda f: f.write(buf.getvalue()))
     side = {"record": record, "fps": fps, "windows": [list(w) for w in windows], "shape": list(rows.shape)}
+    if silent_audio:                               # an audio-visual model saw zeros for audio (--silent-audio)
+        side["silent_audio"] = True
     text = json.dumps(side, indent=1)
     write_atomic(parts / f"{name}.json", lambda f: f.write(text.encode()))     # last: it marks the video done
 

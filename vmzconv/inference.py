@@ -17,6 +17,7 @@ ahead in worker processes (uint8 views, so little crosses the process boundary).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from .errors import VmzconvError
 from .video.protocol import normalise
 
 CPU_PREFERENCE = ("openvino", "onnxruntime", "torch")     # fastest first, as benchmarks/runtime.py measured
+# What an audio-visual model gives for each run output (AVModel.layer): the visual tower's pooled vector,
+# the audio tower's, the fusion's (av_fc2), the joint logits.
+AV_LAYERS = {"features": "pool", "audio": "audio", "fused": "fused", "logits": "logits"}
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -48,8 +52,19 @@ def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
+@dataclass
+class AVViews:
+    """An audio-visual model's input for V views: uint8 video [V, T, H, W, 3] and float32 log-mels
+    [V, 1, 100, 40] (``video/audio.py``); ``silent``: the file had no audio stream (zeros, --silent-audio)."""
+
+    video: np.ndarray
+    audio: np.ndarray
+    silent: bool = False
+
+
 class Engine:
-    """Runs views through one runtime: normalise, chunks of ``max_views``, float32 [V, D] on the CPU."""
+    """Runs views through one runtime: normalise, chunks of ``max_views``, float32 [V, D] on the CPU. An
+    audio-visual model's views come as a (video, log-mels) pair; the log-mels are not normalised."""
 
     runtime = "?"
 
@@ -60,13 +75,18 @@ class Engine:
     def effective_precision(self) -> str:
         return self.precision
 
-    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+    def forward(self, clip: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.inference_mode()
     def run(self, views, mean, std) -> torch.Tensor:
+        audio = None
+        if isinstance(views, (tuple, list)):
+            views, audio = views
+            audio = torch.as_tensor(audio).to(self.device, non_blocking=True)
         x = torch.as_tensor(views).to(self.device, non_blocking=True)
-        outs = [self.forward(normalise(x[s:s + self.max_views], mean, std)).float()
+        outs = [self.forward(normalise(x[s:s + self.max_views], mean, std),
+                             *(() if audio is None else (audio[s:s + self.max_views],))).float()
                 for s in range(0, x.shape[0], self.max_views)]
         return torch.cat(outs).cpu()
 
@@ -99,10 +119,14 @@ class TorchEngine(Engine):
             model = fold_bn(model)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last_3d)
+        av = hasattr(model, "audio")
+        if self.channels_last:                  # (an audio-visual model: its video tower; the audio one is 2-D)
+            (model.visual if av else model).to(memory_format=torch.channels_last_3d)
         self.model = model
-        self.fn: Callable = model.features if output == "features" else model
+        if av:
+            self.fn: Callable = model if output == "logits" else functools.partial(model.layer, AV_LAYERS[output])
+        else:
+            self.fn = model.features if output == "features" else model
 
     @property
     def amp(self) -> bool:
@@ -112,14 +136,15 @@ class TorchEngine(Engine):
     def effective_precision(self) -> str:
         return self.precision if self.amp else "fp32"
 
-    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+    def forward(self, clip: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
         if self.channels_last:
             clip = clip.contiguous(memory_format=torch.channels_last_3d)
+        args = (clip,) if audio is None else (clip, audio)
         if self.amp:
             dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
             with torch.autocast("cuda", dtype=dtype):
-                return self.fn(clip)
-        return self.fn(clip)
+                return self.fn(*args)
+        return self.fn(*args)
 
 
 def make_engine(conv, rt, device: torch.device, output: str, notes: list) -> Engine:
@@ -128,6 +153,11 @@ def make_engine(conv, rt, device: torch.device, output: str, notes: list) -> Eng
 
     torch_engine = lambda: TorchEngine(conv.model, output, device, rt.precision, rt.max_views)  # noqa: E731
     wanted = rt.runtime
+    if conv.arch.fam.av:
+        if wanted not in ("auto", "torch"):
+            notes.append(f"--runtime {wanted}: an audio-visual model runs on torch here (`vmzconv export` writes its "
+                         "two-input ONNX graph)")
+        return torch_engine()
     if device.type == "cuda":
         if wanted not in ("auto", "torch"):
             notes.append(f"--runtime {wanted} runs on the CPU only; using torch on {device}")
@@ -165,13 +195,18 @@ class _Chunks(torch.utils.data.IterableDataset):
         for i in range(wid, len(self.items), n):
             try:
                 produced = self.load(self.items[i])
-                chunks = [(produced, None)] if isinstance(produced, np.ndarray) else produced
+                chunks = [(produced, None)] if isinstance(produced, (np.ndarray, AVViews)) else produced
                 for views, extra in chunks:
-                    yield i, torch.from_numpy(np.ascontiguousarray(views)), extra, None, False
+                    silent = isinstance(views, AVViews) and views.silent
+                    if isinstance(views, AVViews):
+                        views = (torch.from_numpy(np.ascontiguousarray(views.video)), torch.from_numpy(views.audio))
+                    else:
+                        views = torch.from_numpy(np.ascontiguousarray(views))
+                    yield i, views, extra, None, False, silent
             except VmzconvError as e:
-                yield i, None, None, str(e), True
+                yield i, None, None, str(e), True, False
                 continue
-            yield i, None, None, None, True
+            yield i, None, None, None, True, False
 
 
 @dataclass
@@ -182,6 +217,7 @@ class Output:
     seconds: float                    # model time for this chunk (device-synchronised)
     info: object = None               # what load() attached to the chunk (e.g. its windows)
     done: bool = False                # the item's last message: no value, maybe an error
+    silent: bool = False              # an audio-visual model ran on zeros for audio (no audio stream)
 
 
 def stream(engine: Engine, items: list, load: Callable, mean, std, workers: int | None = None) -> Iterator[Output]:
@@ -193,7 +229,7 @@ def stream(engine: Engine, items: list, load: Callable, mean, std, workers: int 
     loader = torch.utils.data.DataLoader(
         _Chunks(items, load), batch_size=None, num_workers=workers, pin_memory=engine.device.type == "cuda",
         prefetch_factor=2 if workers else None, persistent_workers=False)
-    for i, views, info, err, done in loader:
+    for i, views, info, err, done, silent in loader:
         if done:
             yield Output(items[i], None, err, 0.0, None, True)
             continue
@@ -201,4 +237,4 @@ def stream(engine: Engine, items: list, load: Callable, mean, std, workers: int 
         t0 = time.perf_counter()
         out = engine.run(views, mean, std)
         engine.synchronize()
-        yield Output(items[i], out, None, time.perf_counter() - t0, info)
+        yield Output(items[i], out, None, time.perf_counter() - t0, info, silent=bool(silent))

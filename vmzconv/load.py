@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint
-from .arch import FAMILIES, Arch, parse_arch_name
+from .arch import FAMILIES, Arch, arch_from_card, parse_arch_name
 from .blobs import short_repr
 from .errors import ArchError, InputError, MappingError, VmzconvError
 from .files import sha256_file
@@ -90,9 +90,7 @@ def check_card(path, meta: dict) -> None:
 
 def _arch_from_meta(path, meta: dict) -> Arch:
     try:
-        family, depth = parse_arch_name(meta["arch"])
-        kt = meta.get("conv1_temporal_kernel")
-        return Arch(family, depth, int(meta["num_classes"]), None if kt is None else int(kt))
+        return arch_from_card(meta)
     except (ArchError, KeyError, TypeError, ValueError):
         raise InputError(f"{path}: its vmzconv meta names an arch this version does not know "
                          f"({str(meta.get('arch'))[:60]!r})") from None

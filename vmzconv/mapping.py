@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arch import Arch
+from .arch import FAMILIES, Arch
 from .blobs import Blobs
 from .errors import InputError, MappingError
 
@@ -35,8 +35,6 @@ def mappings_dir() -> Path:
 
 def builtin_table_path(family: str, target: str) -> Path:
     """The built-in table for a family's blob-naming scheme (the 2018 families share R3D's) and a layout."""
-    from .arch import FAMILIES
-
     scheme = FAMILIES[family].tables if family in FAMILIES else family
     path = mappings_dir() / f"{scheme}.{target}.toml"
     if not path.is_file():
@@ -53,13 +51,15 @@ class Table:
     bn_constants: dict[str, int]
     sections: dict[str, dict]
     sha256: str
+    include: dict = field(default_factory=dict)   # name -> {table, blobs, keys, head}: another table, prefixed
 
     @property
     def name(self) -> str:
         return self.path.name
 
 
-_SECTIONS = ("stem", "trunk", "block", "simple_block", "bottleneck_block", "projection", "head")
+_SECTIONS = ("stem", "trunk", "block", "simple_block", "bottleneck_block", "projection", "head",
+             "audio_stem", "audio_block", "audio_bottleneck", "audio_projection", "gblend_head")
 
 
 def load_table(path: str | Path) -> Table:
@@ -75,7 +75,7 @@ def load_table(path: str | Path) -> Table:
         if not isinstance(raw.get(key), str):
             raise MappingError(f"mapping table {path}: missing string field {key!r}")
     bn = raw.get("bn", {})
-    unknown = set(raw) - {"family", "target", "bn", *_SECTIONS}
+    unknown = set(raw) - {"family", "target", "bn", "include", *_SECTIONS}
     if unknown:
         raise MappingError(f"mapping table {path}: unknown sections {sorted(unknown)}")
     return Table(
@@ -86,6 +86,7 @@ def load_table(path: str | Path) -> Table:
         bn_constants=dict(bn.get("constants", {})),
         sections={s: dict(raw.get(s, {})) for s in _SECTIONS},
         sha256=hashlib.sha256(raw_bytes).hexdigest(),
+        include=dict(raw.get("include", {})),
     )
 
 
@@ -107,12 +108,26 @@ def block_enumeration(arch: Arch):
             i += 1
 
 
-def expand(table: Table, arch: Arch) -> Plan:
+def audio_enumeration(arch: Arch):
+    """(i, L, j) for every block of VMZ's audio tower: layer 0 holds the three blocks before the stages."""
+    i = 0
+    for layer, n in enumerate((3, *arch.layers)):
+        for j in range(n):
+            yield i, layer, j
+            i += 1
+
+
+def expand(table: Table, arch: Arch, head: bool = True) -> Plan:
     """[stem] and [trunk] (a network without repeated blocks: C3D) apply once, [block] to every block,
     [simple_block] / [bottleneck_block] to blocks of that kind (depth 18/34 vs 50+), [projection] to the
-    blocks that have a shortcut projection."""
+    blocks that have a shortcut projection. Audio-visual tables: [audio_stem] once, [audio_block] to every
+    audio block (layer 0: the three before the stages), [audio_bottleneck] to those of a bottleneck network's
+    stages, [audio_projection] to the first block of each audio layer, [gblend_head] when the G-Blend heads
+    are there; [include] expands another table for the visual tower (``{visual}``: its scheme) with its
+    blob names and keys prefixed, its [head] only with the G-Blend heads. ``head=False`` skips [head]."""
     plan = Plan()
     blocks = [dict(i=i, L=L, j=j) for i, L, j in block_enumeration(arch)]
+    audio = [dict(i=i, L=L, j=j) for i, L, j in audio_enumeration(arch)] if arch.fam.av else []
     contexts = {
         "stem": [{}],
         "trunk": [{}],
@@ -121,7 +136,23 @@ def expand(table: Table, arch: Arch) -> Plan:
         "simple_block": blocks if arch.kind == "simple" else [],
         "bottleneck_block": blocks if arch.kind == "bottleneck" else [],
         "projection": [b for b in blocks if arch.has_projection(b["L"], b["j"])],
+        "audio_stem": [{}] if audio else [],
+        "audio_block": audio,
+        "audio_bottleneck": [b for b in audio if b["L"] > 0 and arch.kind == "bottleneck"],
+        "audio_projection": [b for b in audio if b["j"] == 0],
+        "gblend_head": [{"classes": arch.num_classes}] if arch.gblend else [],
     }
+    if not head:
+        contexts["head"] = []
+    for name, inc in table.include.items():
+        if not (isinstance(inc, dict) and isinstance(inc.get("table"), str)) or not arch.fam.av:
+            raise MappingError(f"mapping table {table.name}: [include] {name!r} needs a table (and an audio-visual arch)")
+        sub = load_table(mappings_dir() / inc["table"].format(visual=FAMILIES[arch.fam.visual].tables))
+        sub_plan = expand(sub, arch.visual, head=arch.gblend and inc.get("head") == "gblend")
+        pb, pk = str(inc.get("blobs", "")), str(inc.get("keys", ""))
+        plan.pairs += [(pb + b, pk + k) for b, k in sub_plan.pairs]
+        plan.dropped.update({pb + b: role for b, role in sub_plan.dropped.items()})
+        plan.constants.update({pk + k: v for k, v in sub_plan.constants.items()})
     for section, entries in table.sections.items():
         for ctx in contexts[section]:
             for src_t, dst in entries.items():

@@ -26,6 +26,13 @@ def fixed_clip(t: int = DEFAULT_CLIP[0], h: int = DEFAULT_CLIP[1], n: int = 1) -
     return (np.sin(0.013 * j + 0.5) + 0.5 * np.cos(0.0071 * j)).astype(np.float32).reshape(n, 3, t, h, h)
 
 
+def fixed_logmels(n: int = 1) -> np.ndarray:
+    """The closed-form N x 1 x 100 x 40 log-mel input of audio-visual parity: element k (flat C-order index,
+    float64) is ``sin(0.021*k + 0.2) + 0.3*cos(0.0037*k)``, cast to float32 (the golden recipe's)."""
+    k = np.arange(n * 100 * 40, dtype=np.float64)
+    return (np.sin(0.021 * k + 0.2) + 0.3 * np.cos(0.0037 * k)).astype(np.float32).reshape(n, 1, 100, 40)
+
+
 def parse_clip(text: str | None) -> tuple[int, int] | None:
     """``T,H`` from the command line; None (the family's default) when not given."""
     if text is None:
@@ -52,6 +59,7 @@ class Verdict:
     reason: str
     reference_seconds: float
     model_seconds: float
+    heads: dict | None = None          # audio-visual: max |logit diff| per head (joint, audio, visual)
 
     # What the checkpoint file records: the outcome and the setting, never a measured float. The
     # measured figures (max_abs_diff, ...) vary in their last bits with thread counts and BLAS builds,
@@ -70,7 +78,8 @@ class Verdict:
 
     def summary(self) -> str:
         state = "PASS" if self.passed else "FAIL"
-        return (f"{state}: max |logit diff| {self.max_abs_diff:.3g} (rel {self.max_rel_diff:.3g}, "
+        heads = (" over the " + ", ".join(self.heads) + " heads") if self.heads else ""
+        return (f"{state}: max |logit diff|{heads} {self.max_abs_diff:.3g} (rel {self.max_rel_diff:.3g}, "
                 f"tolerance {self.tolerance:g}), top-1 {'same' if self.top1_agree else 'DIFFERENT'}, "
                 f"top-5 {'identical' if self.top5_identical else 'DIFFERENT'}; clip {'x'.join(map(str, self.clip))}")
 
@@ -120,6 +129,8 @@ def run(blobs, arch, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
     from .models import logits  # torch is only needed for this side
 
     check_clip(arch, clip_size)
+    if arch.fam.av:
+        return _run_av(blobs, arch, model, clip_size, tolerance)
     clip = fixed_clip(*clip_size)
     t0 = time.perf_counter()
     ref = reference.forward(blobs.arrays, arch.family, arch.depth, arch.num_classes, clip)
@@ -136,6 +147,31 @@ def run(blobs, arch, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
         verdict.reason = f"the PyTorch model cannot compute the parity clip: {broken}"
     verdict.reference_seconds = round(t1 - t0, 3)
     verdict.model_seconds = round(t2 - t1, 3)
+    return verdict
+
+
+def _run_av(blobs, arch, model, clip_size, tolerance: float) -> Verdict:
+    """Every head of an audio-visual model (joint; audio and visual with G-Blend) on the fixed clip and
+    log-mels; the verdict is the worst head's, and names it when it fails."""
+    import torch
+
+    clip, logmels = fixed_clip(*clip_size), fixed_logmels()
+    t0 = time.perf_counter()
+    ref = reference.av_heads(blobs.arrays, arch.family, arch.depth, arch.num_classes, clip, logmels)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        ours = {k: v.numpy() for k, v in model.eval().heads(torch.from_numpy(clip), torch.from_numpy(logmels)).items()}
+    t2 = time.perf_counter()
+    if set(ours) != set(ref):
+        raise CheckError(f"the model has heads {sorted(ours)}, the blobs {sorted(ref)}")
+    verdicts = {name: compare(ours[name], ref[name], tolerance, clip.shape) for name in ref}
+    worst = next((n for n, v in verdicts.items() if not v.passed), None) or \
+        max(verdicts, key=lambda n: verdicts[n].max_abs_diff)
+    verdict = verdicts[worst]
+    if not verdict.passed:
+        verdict.reason = f"{worst} head: {verdict.reason}"
+    verdict.heads = {n: float(v.max_abs_diff) for n, v in verdicts.items()}
+    verdict.reference_seconds, verdict.model_seconds = round(t1 - t0, 3), round(t2 - t1, 3)
     return verdict
 
 
@@ -216,6 +252,9 @@ def trace(blobs, arch, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
     import torch
 
     check_clip(arch, clip_size)
+    if arch.fam.av:
+        raise VmzconvError("--trace follows one video network stage by stage; for an audio-visual file run parity "
+                           "without it (it compares every head), or trace its visual tower (convert --tower visual)")
     clip = fixed_clip(*clip_size)
     model.eval()
     # The PyTorch side runs first and keeps its (float32) stage outputs; the reference then streams past

@@ -38,6 +38,7 @@ class Prediction:
     video: str
     probs: np.ndarray           # averaged probabilities, one per class
     top: list                   # [(index, name or None, probability)]
+    silent_audio: bool = False  # an audio-visual model ran on zero log-mels (no audio stream, --silent-audio)
 
 
 def predict(ckpt: str, videos: list[str], arch: str | None = None, top_k: int = 5, labels: str | None = None,
@@ -55,16 +56,20 @@ def predict(ckpt: str, videos: list[str], arch: str | None = None, top_k: int = 
         names = class_names(r.conv.arch.num_classes, labels)
         items = [annotations.Item(i, v, -1, v, "video") for i, v in enumerate(videos)]
         probs: dict[int, np.ndarray] = {}
-        for out in r.stream(items, functools.partial(item_views, p=r.protocol)):
+        silent: set[int] = set()
+        for out in r.stream(items, functools.partial(item_views, p=r.protocol, audio=r.audio)):
             if out.done:
                 if out.error:
                     raise InputError(out.error)
                 continue
             probs[out.item.index] = torch.softmax(out.value, dim=1).mean(dim=0).numpy().astype(np.float64)
+            if out.silent:
+                silent.add(out.item.index)
         how = r.describe()
     results = []
     for it in items:
         pr = probs[it.index]
         order = np.argsort(-pr, kind="stable")[:top_k]
-        results.append(Prediction(it.path, pr, [(int(c), names[c] if names else None, float(pr[c])) for c in order]))
+        results.append(Prediction(it.path, pr, [(int(c), names[c] if names else None, float(pr[c])) for c in order],
+                                  it.index in silent))
     return results, r.protocol, r.conv, how

@@ -33,6 +33,7 @@ convs are im2col + matmul per output frame.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections import abc
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -52,7 +53,15 @@ STAGES = {"r3d": "3333", "r2d": "2222", "r2df": "2222", "mc2": "2222", "mc3": "3
 # conv1's temporal kernel where the graph code fixes it (create_mcx 3, create_rmcx / create_r2df 1; create_r2d
 # takes the clip length, 8 by default here); R3D, R(2+1)D and CSN take conv1_temporal_kernel 3 or 5.
 STEM_KT = {"r2d": 8, "r2df": 1, "rmc2": 1, "rmc3": 1, "rmc4": 1, "rmc5": 1}
-FAMILIES = ("ircsn", "ipcsn", "r2plus1d", *STAGES, "c3d")
+# Audio-visual (c2/lib/models/audio_visual_model.py, create_av_resnet): the visual family's network under "v_"
+# names, VMZ's audio ResNet under "a_" names, fused by concat -> av_fc1 -> ReLU -> av_fc2 -> ReLU -> last_out_L{N};
+# G-Blend files add a_last_out_L{N} / v_last_out_L{N} on each tower's pooled vector.
+AV_VISUAL = {"av_ircsn": "ircsn", "av_ipcsn": "ipcsn", "av_r2plus1d": "r2plus1d", "av_r3d": "r3d"}
+AUDIO_STEM = 16          # a_conv1: Conv 1 -> 16, 3x3, pad 1, with a bias, no BN or ReLU after it
+AUDIO_PRE = ((16, 32, True), (32, 32, False), (32, 32, False))     # add_simple_block(in, out, down_sampling)
+AUDIO_POOL = (4, 2)      # a_final_avg: MaxPool kernel [4, 2], stride 1 (the 4x2 map a 100x40 input leaves)
+LOGMEL_SHAPE = (1, 100, 40)
+FAMILIES = ("ircsn", "ipcsn", "r2plus1d", *STAGES, "c3d", *AV_VISUAL)
 CSN = ("ircsn", "ipcsn")
 
 
@@ -98,10 +107,10 @@ C3D_CLIP = (16, 112)          # the input the fc6 width is built for
 
 
 def blob_role(name: str) -> str:
-    """What a parameter blob is: conv_weight, conv_bias (C3D), fc_weight, fc_bias, or bn_<s|b|rm|riv>."""
-    if name.startswith(("last_out_L", "fc6_", "fc7_")):
+    """What a parameter blob is: conv_weight, conv_bias (C3D, a_conv1), fc_weight, fc_bias, or bn_<s|b|rm|riv>."""
+    if name.startswith(("last_out_L", "fc6_", "fc7_", "av_fc", "a_last_out_L", "v_last_out_L")):
         return "fc_bias" if name.endswith("_b") else "fc_weight"
-    if name.endswith("_b") and name[:-2] in dict(C3D_CONVS):
+    if name.endswith("_b") and (name[:-2] in dict(C3D_CONVS) or name == "a_conv1_b"):
         return "conv_bias"
     for sfx in BN_SUFFIXES:
         if name.endswith(sfx):
@@ -150,10 +159,57 @@ def _block_specs(family: str, b: Block, depth: int = 18) -> list[tuple[str, tupl
     return specs + _conv_bn(p + "conv_3_w", p + "spatbn_3", (b.dim_out, b.base, 1, 1, 1))
 
 
-def blob_specs(family: str, depth: int, classes: int, conv1_kt: int | None = None) -> list[tuple[str, tuple]]:
-    """Every parameter blob (name, shape) a VMZ ``family`` checkpoint holds, in graph order."""
+def audio_blocks(depth: int) -> Iterator[Block]:
+    """VMZ's audio ResNet (AudioModelBuilder, prefix "a_"): three simple blocks 16 -> 32, then the visual depth's
+    block counts and widths (simple for 18/34, bottleneck for 50+), the first block of every stage striding 2 in
+    both dimensions with a projection. The global counter runs on from the three."""
+    simple = depth in (18, 34)
+    index = 0
+    for dim_in, dim_out, down in AUDIO_PRE:
+        yield Block(index, dim_in, dim_out, dim_out, 2 if down else 1, down or dim_in != dim_out, True)
+        index += 1
+    dim_in = AUDIO_PRE[-1][1]
+    for stage, n in enumerate(BLOCK_CONFIG[depth]):
+        dim_out, base = (SHALLOW if simple else DEEP)[stage]
+        for j in range(n):
+            yield Block(index, dim_in, base, dim_out, 2 if j == 0 else 1, j == 0 or dim_in != dim_out, simple)
+            index, dim_in = index + 1, dim_out
+
+
+def _audio_specs(depth: int) -> list[tuple[str, tuple]]:
+    specs = [("a_conv1_w", (AUDIO_STEM, 1, 3, 3)), ("a_conv1_b", (AUDIO_STEM,))]
+    for b in audio_blocks(depth):
+        p = f"a_comp_{b.index}_"
+        if b.simple:
+            specs += _conv_bn(p + "conv_1_w", p + "spatbn_1", (b.dim_out, b.dim_in, 3, 3))
+            specs += _conv_bn(p + "conv_2_w", p + "spatbn_2", (b.dim_out, b.dim_out, 3, 3))
+        else:
+            specs += _conv_bn(p + "conv_1_w", p + "spatbn_1", (b.base, b.dim_in, 1, 1))
+            specs += _conv_bn(p + "conv_2_w", p + "spatbn_2", (b.base, b.base, 3, 3))
+            specs += _conv_bn(p + "conv_3_w", p + "spatbn_3", (b.dim_out, b.base, 1, 1))
+        if b.projection:
+            q = f"a_shortcut_projection_{b.index}"
+            specs += _conv_bn(q + "_w", q + "_spatbn", (b.dim_out, b.dim_in, 1, 1))
+    return specs
+
+
+def blob_specs(family: str, depth: int, classes: int, conv1_kt: int | None = None,
+               gblend: bool = True) -> list[tuple[str, tuple]]:
+    """Every parameter blob (name, shape) a VMZ ``family`` checkpoint holds, in graph order (audio-visual:
+    with the G-Blend heads unless ``gblend`` is False)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    if family in AV_VISUAL:
+        visual = [("v_" + n, s) for n, s in blob_specs(AV_VISUAL[family], depth, classes, conv1_kt)
+                  if not n.startswith("last_out_L")]
+        width = (SHALLOW if depth in (18, 34) else DEEP)[-1][0]
+        specs = visual + _audio_specs(depth) + [
+            ("av_fc1_w", (width, 2 * width)), ("av_fc1_b", (width,)), ("av_fc2_w", (width, width)),
+            ("av_fc2_b", (width,)), (f"last_out_L{classes}_w", (classes, width)), (f"last_out_L{classes}_b", (classes,))]
+        if gblend:
+            specs += [(f"{t}_last_out_L{classes}{s}", (classes, width) if s == "_w" else (classes,))
+                      for t in "av" for s in ("_w", "_b")]
+        return specs
     if family == "c3d":
         specs, cin = [], 3
         for name, cout in C3D_CONVS:
@@ -378,8 +434,84 @@ def head(blobs: Mapping[str, np.ndarray], classes: int, x: np.ndarray, family: s
     return pooled(blobs, family, x) @ _w(blobs, f"last_out_L{classes}_w").T + _w(blobs, f"last_out_L{classes}_b")
 
 
-def forward(blobs: Mapping[str, np.ndarray], family: str, depth: int, classes: int, clip: np.ndarray) -> np.ndarray:
-    """Logits [N, classes] of the VMZ test graph on ``clip`` (N, 3, T, H, W, already normalised)."""
+def forward(blobs: Mapping[str, np.ndarray], family: str, depth: int, classes: int, clip: np.ndarray,
+            logmels: np.ndarray | None = None) -> np.ndarray:
+    """Logits [N, classes] of the VMZ test graph on ``clip`` (N, 3, T, H, W, already normalised); an
+    audio-visual family also takes ``logmels`` (N, 1, 100, 40) and returns the joint head."""
+    if family in AV_VISUAL:
+        return av_heads(blobs, family, depth, classes, clip, logmels)["joint"]
     for _, x in stages(blobs, family, depth, clip):
         pass
     return head(blobs, classes, x, family)
+
+
+# -- audio-visual ----------------------------------------------------------------------------
+
+
+class _Prefixed(abc.Mapping):
+    """The blobs under ``prefix`` by their unprefixed names (the visual tower's "v_")."""
+
+    def __init__(self, blobs, prefix: str):
+        self.blobs, self.prefix = blobs, prefix
+
+    def __getitem__(self, name):
+        return self.blobs[self.prefix + name]
+
+    def __iter__(self):
+        return (n[len(self.prefix):] for n in self.blobs if n.startswith(self.prefix))
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+def _conv2d(x: np.ndarray, w: np.ndarray, stride: int, pad: int) -> np.ndarray:
+    """A 2-D conv over N, C, H, W as a 3-D one with one frame."""
+    return conv_dense(x[:, :, None], w[:, :, None], (1, stride, stride), (0, pad, pad))[:, :, 0]
+
+
+def _bn2d(x: np.ndarray, blobs, name: str, with_relu: bool = True) -> np.ndarray:
+    return _bn_relu(x[:, :, None], blobs, name, with_relu)[:, :, 0]
+
+
+def audio_features(blobs: Mapping[str, np.ndarray], depth: int, logmels: np.ndarray) -> np.ndarray:
+    """VMZ's audio tower on log-mels (N, 1, 100, 40): a_conv1 (+ bias), the blocks, then a_final_avg, a max
+    over the 4x2 map (kernel [4, 2], stride 1), flattened."""
+    x = np.asarray(logmels, dtype=np.float64)
+    x = _conv2d(x, _w(blobs, "a_conv1_w"), 1, 1) + _w(blobs, "a_conv1_b").reshape(1, -1, 1, 1)
+    for b in audio_blocks(depth):
+        p, s = f"a_comp_{b.index}_", b.stride
+        if b.simple:
+            y = _bn2d(_conv2d(x, _w(blobs, p + "conv_1_w"), s, 1), blobs, p + "spatbn_1")
+            y = _bn2d(_conv2d(y, _w(blobs, p + "conv_2_w"), 1, 1), blobs, p + "spatbn_2", False)
+        else:
+            y = _bn2d(_conv2d(x, _w(blobs, p + "conv_1_w"), 1, 0), blobs, p + "spatbn_1")
+            y = _bn2d(_conv2d(y, _w(blobs, p + "conv_2_w"), s, 1), blobs, p + "spatbn_2")
+            y = _bn2d(_conv2d(y, _w(blobs, p + "conv_3_w"), 1, 0), blobs, p + "spatbn_3", False)
+        if b.projection:
+            q = f"a_shortcut_projection_{b.index}"
+            x = _bn2d(_conv2d(x, _w(blobs, q + "_w"), s, 0), blobs, q + "_spatbn", False)
+        x = relu(x + y)
+    if x.shape[2:] != AUDIO_POOL:
+        raise ValueError(f"the audio tower leaves a {x.shape[2]}x{x.shape[3]} map, a_final_avg pools 4x2 "
+                         f"(VMZ's audio input is 1x100x40, not {'x'.join(map(str, np.shape(logmels)[1:]))})")
+    return x.max(axis=(2, 3))
+
+
+def av_heads(blobs: Mapping[str, np.ndarray], family: str, depth: int, classes: int, clip: np.ndarray,
+             logmels: np.ndarray) -> dict[str, np.ndarray]:
+    """The joint logits, and with G-Blend heads the audio and visual ones: {"joint", ["audio", "visual"]}."""
+    if logmels is None:
+        raise ValueError("an audio-visual model needs log-mels beside the clip")
+    for _, x in stages(_Prefixed(blobs, "v_"), AV_VISUAL[family], depth, clip):
+        pass
+    v = x.mean(axis=(2, 3, 4))
+    a = audio_features(blobs, depth, logmels)
+    y = np.concatenate([v, a], axis=1)                 # av_concat: visual first
+    for fc in ("av_fc1", "av_fc2"):
+        y = relu(y @ _w(blobs, fc + "_w").T + _w(blobs, fc + "_b"))
+    out = {"joint": y @ _w(blobs, f"last_out_L{classes}_w").T + _w(blobs, f"last_out_L{classes}_b")}
+    for name, feats in (("audio", a), ("visual", v)):
+        head_w = f"{name[0]}_last_out_L{classes}_w"
+        if head_w in blobs:
+            out[name] = feats @ _w(blobs, head_w).T + _w(blobs, head_w[:-1] + "b")
+    return out

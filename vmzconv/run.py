@@ -42,6 +42,7 @@ class RuntimeOptions:
     threads: int | None = None           # CPU threads per process; default cores / processes
     runtime: str = "auto"                # auto | torch | onnxruntime | openvino
     graph_cache: str | None = None       # where ONNX graphs are kept (default: the user cache folder)
+    silent_audio: bool = False           # audio-visual models: zeros for a video without an audio stream
 
 
 @dataclass
@@ -121,6 +122,7 @@ class Run:
     world: int
     workers: int | None
     notes: list = field(default_factory=list)
+    audio: str | None = None             # audio-visual models: "need" (an audio stream) or "silent" (zeros if none)
 
     @property
     def device(self):
@@ -165,10 +167,12 @@ def default_threads(world: int = 1) -> int:
 @contextlib.contextmanager
 def open_run(ckpt: str | Path, arch: str | None, rt: RuntimeOptions, output: str = "logits",
              protocol_overrides: dict | None = None, norm: Norm | None = None, needs_head: str | None = None,
-             quiet: bool = False):
+             quiet: bool = False, silent_audio: bool = False):
     """The shared set-up of a run (see the module docstring); ``output`` is what the model function
-    returns: ``logits`` or ``features`` (the pooled vector). ``needs_head``: the message for a
-    backbone-only file, when the command needs a classifier."""
+    returns: ``logits`` or ``features`` (the pooled vector; audio-visual models also ``audio`` and
+    ``fused``). ``needs_head``: the message for a backbone-only file, when the command needs a classifier.
+    ``silent_audio``: an audio-visual model gets zeros for a video without an audio stream (else that video
+    is an error)."""
     import torch
 
     from .inference import make_engine
@@ -191,11 +195,14 @@ def open_run(ckpt: str | Path, arch: str | None, rt: RuntimeOptions, output: str
         protocol = Protocol.from_card(conv.meta.get("input"), **(protocol_overrides or {}))
         mean, std = (norm or Norm()).resolve(conv.meta)
         notes: list[str] = list(conv.notes)
+        if output in ("audio", "fused") and not conv.arch.fam.av:
+            raise InputError(f"{ckpt}: --layer {output} is for audio-visual files; this is {conv.arch.name}")
         engine = make_engine(conv, rt, device, output, notes)
         for note in notes:
             if rank == 0 and not quiet:
                 print(f"vmzconv: note: {safe(note)}", file=sys.stderr)
-        yield Run(conv, protocol, mean, std, engine, rank, world, rt.workers, notes)
+        audio = ("silent" if silent_audio or rt.silent_audio else "need") if conv.arch.fam.av else None
+        yield Run(conv, protocol, mean, std, engine, rank, world, rt.workers, notes, audio)
     finally:
         if world > 1:
             import torch.distributed as dist

@@ -32,6 +32,10 @@ _MM_C3D = ("MMAction2's C3D pads pool5 (0, 1, 1), so its fc6 takes 8192 values w
 _NOT_C3D = "only C3D (no library holds VMZ's C3D) is written as a plain PyTorch module; use --target torchvision"
 _C3D_ONLY = "this layout holds video ResNets; VMZ's C3D is written with --target pytorch"
 _RESNETS = ("ircsn", "ipcsn", "r2plus1d", "r3d", *_2018)
+_AV = ("av_ircsn", "av_ipcsn", "av_r2plus1d", "av_r3d")
+_AV_ONLY = ("vmzconv's audio-visual model: no library holds VMZ's audio tower. --tower visual writes the visual "
+            "tower alone in this layout")
+_NOT_AV = "this layout is vmzconv's audio-visual model; use it for VMZ's audio-visual files only"
 
 
 @dataclass(frozen=True)
@@ -54,30 +58,35 @@ class Target:
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("mmaction2", "mmaction2", True, ("cls_head.fc_cls.weight", "cls_head.fc_cls.bias"),
            "backbone.conv1.conv.weight", lambda k: "backbone.conv1.conv.weight" in k,
-           {"r2plus1d": _MM_R21D, "r2d": _MM_R2D, "c3d": _MM_C3D},
+           {"r2plus1d": _MM_R21D, "r2d": _MM_R2D, "c3d": _MM_C3D} | dict.fromkeys(_AV, _AV_ONLY),
            "MMAction2 Recognizer3D (ResNet3dCSN / ResNet3d + I3DHead; load_from=)"),
     Target("mmaction2-backbone", "mmaction2_backbone", False, None, "conv1.conv.weight",
            lambda k: "conv1.conv.weight" in k and "layer1.0.conv1.conv.weight" in k,
-           {"r2plus1d": _MM_R21D, "r2d": _MM_R2D, "c3d": _MM_C3D},
+           {"r2plus1d": _MM_R21D, "r2d": _MM_R2D, "c3d": _MM_C3D} | dict.fromkeys(_AV, _AV_ONLY),
            "the MMAction2 backbone alone (backbone.pretrained=)"),
     Target("torchvision", "torchvision", True, ("fc.weight", "fc.bias"), "stem.0.weight",
-           lambda k: "stem.0.weight" in k and "fc.weight" in k, {"c3d": _C3D_ONLY},
+           lambda k: "stem.0.weight" in k and "fc.weight" in k, {"c3d": _C3D_ONLY} | dict.fromkeys(_AV, _AV_ONLY),
            "torchvision VideoResNet module names (VMZ's PyTorch hub, ig65m-pytorch)", stem_temporal_key="stem.3.weight"),
     Target("pytorchvideo", "pytorchvideo", True, ("blocks.5.proj.weight", "blocks.5.proj.bias"),
            "blocks.0.conv.weight", lambda k: "blocks.0.conv.weight" in k,
            {"ipcsn": "pytorchvideo's create_csn has no interaction-preserved block: its conv_b is a single "
                      "depthwise conv, so ip-CSN's extra 1x1x1 conv + BN has nowhere to go; use --target "
                      "torchvision or mmaction2",
-            "r2plus1d": _PTV_R21D, "r3d": _PTV_R3D, "c3d": _C3D_ONLY} | dict.fromkeys(_2018, _PTV_2018),
+            "r2plus1d": _PTV_R21D, "r3d": _PTV_R3D, "c3d": _C3D_ONLY} | dict.fromkeys(_2018, _PTV_2018)
+           | dict.fromkeys(_AV, _AV_ONLY),
            "pytorchvideo create_csn (ir-CSN only)"),
     Target("pytorch", "pytorch", True, ("fc8.weight", "fc8.bias"), "conv1a.weight",
-           lambda k: "conv1a.weight" in k and "fc6.weight" in k, dict.fromkeys(_RESNETS, _NOT_C3D),
-           "a plain PyTorch module defined by the card's build lines (VMZ's C3D)"),
+           lambda k: "conv1a.weight" in k and "fc6.weight" in k, dict.fromkeys(_RESNETS, _NOT_C3D)
+           | dict.fromkeys(_AV, _AV_ONLY), "a plain PyTorch module defined by the card's build lines (VMZ's C3D)"),
+    Target("av", "av", True, ("fc.weight", "fc.bias"), "visual.stem.0.weight",
+           lambda k: "audio.conv1.weight" in k and "fc1.weight" in k, dict.fromkeys((*_RESNETS, "c3d"), _NOT_AV),
+           "vmzconv's audio-visual model (visual tower in torchvision names, VMZ's audio ResNet, the fusion head; "
+           "vmzconv.load.load_converted opens it)", stem_temporal_key="visual.stem.3.weight"),
 )}
 TARGET_NAMES = tuple(TARGETS)
 # The layout each family is written in unless --target says otherwise.
 DEFAULT_TARGET = {"ircsn": "mmaction2", "ipcsn": "mmaction2", "r2plus1d": "torchvision", "r3d": "torchvision",
-                  **dict.fromkeys(_2018, "torchvision"), "c3d": "pytorch"}
+                  **dict.fromkeys(_2018, "torchvision"), "c3d": "pytorch", **dict.fromkeys(_AV, "av")}
 
 
 def get_target(name: str) -> Target:
@@ -150,6 +159,10 @@ def recipe(target: str, arch) -> str:
     """Python lines that build, in the consumer library itself, the model a ``target`` file of ``arch``
     loads into with ``strict=True`` and computes the same logits with ("" for MMAction2: see the config)."""
     fam, layers = arch.fam, list(arch.layers)
+    if target == "av":
+        return ("from vmzconv.arch import Arch\nfrom vmzconv.models import build_model\n"
+                f"model = build_model('av', Arch({arch.family!r}, {arch.depth}, {arch.num_classes}, {arch.conv1_kt}, "
+                f"gblend={arch.gblend}))   # model(video, audio); model.heads(video, audio)")
     if target == "pytorch":
         return f"{_C3D_CLASS}model = C3D(num_classes={arch.num_classes})"
     block = "BasicBlock" if arch.kind == "simple" else "Bottleneck"

@@ -8,14 +8,14 @@ from torch import nn
 
 from ..arch import Arch
 from ..targets import get_target
-from . import c3d, layouts
+from . import av, c3d, layouts
 from .trunk import BN_EPS, VideoResNet
 
 __all__ = ["BN_EPS", "BUILDERS", "VideoResNet", "build_model", "fill", "fold_bn", "logits"]
 
 # Target.layout -> the function that renders the trunk under that library's module names.
 BUILDERS = {"mmaction2": layouts.mmaction2, "mmaction2_backbone": layouts.mmaction2_backbone,
-            "torchvision": layouts.torchvision, "pytorchvideo": layouts.pytorchvideo, "pytorch": c3d.build}
+            "torchvision": layouts.torchvision, "pytorchvideo": layouts.pytorchvideo, "pytorch": c3d.build, "av": av.build}
 
 
 def build_model(target: str, arch: Arch, empty: bool = False, **faults) -> VideoResNet:

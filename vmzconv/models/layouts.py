@@ -110,7 +110,8 @@ def _tv_unit(unit: Unit, eps: float) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-def torchvision(arch: Arch, *, pool: bool | None = None, bn_eps: float = BN_EPS) -> VideoResNet:
+def torchvision(arch: Arch, *, pool: bool | None = None, bn_eps: float = BN_EPS, head: bool = True) -> VideoResNet:
+    """``head=False``: no ``fc`` (an audio-visual model's visual tower without G-Blend heads)."""
     pool = arch.fam.pool1 if pool is None else pool
     stem = nn.Sequential(*_flat(stem_unit(arch), bn_eps), *([pool1()] if pool else []))
     children: list[tuple[str, nn.Module]] = [("stem", stem)]
@@ -125,8 +126,9 @@ def torchvision(arch: Arch, *, pool: bool | None = None, bn_eps: float = BN_EPS)
                                  ["downsample"] if spec.shortcut is not None else [], relu_name="relu"))
             blocks.append((f"layer{li}.{j}", f"layer{li}.{j}"))
         children.append((f"layer{li}", nn.Sequential(*mods)))
-    children.append(("fc", nn.Linear(arch.feature_dim, arch.num_classes)))
-    return VideoResNet(children, ["stem"], blocks, "fc")
+    if head:
+        children.append(("fc", nn.Linear(arch.feature_dim, arch.num_classes)))
+    return VideoResNet(children, ["stem"], blocks, "fc" if head else None)
 
 
 # -- pytorchvideo Net ---------------------------------------------------------------------------

@@ -238,24 +238,43 @@ def snippet_plan(layout: list[tuple], clip_len: int) -> IndexPlan:
     return IndexPlan(np.asarray([idx for _, _, idx in layout], dtype=np.int64).reshape(-1, clip_len))
 
 
-def item_views(item, p: P.Protocol, filename_tmpl: str = "img_{:05d}.jpg") -> np.ndarray:
-    """uint8 views [V, T, c, c, 3] of one annotation item (a video file or a rawframe folder)."""
+def item_views(item, p: P.Protocol, filename_tmpl: str = "img_{:05d}.jpg", audio: str | None = None):
+    """uint8 views [V, T, c, c, 3] of one annotation item (a video file or a rawframe folder). ``audio``
+    ("need", or "silent": zeros for a file without an audio stream) also gives each view its clip's log-mels:
+    an :class:`inference.AVViews`."""
+    views, total = _item_views(item, p, filename_tmpl)
+    if audio is None:
+        return views
+    from ..inference import AVViews
+    from .audio import Track
+
+    if item.kind != "video":
+        raise DecodeError(f"{item.path}: a rawframe folder has no audio for an audio-visual model")
+    track = Track(item.path, total, (p.clip_len - 1) * p.frame_interval + 1, audio == "silent")
+    starts = P.frame_indices(total, p)[:, 0]
+    clips = track.clips(starts)                                   # [clips, 1, 100, 40]
+    crops = views.shape[0] // len(starts)
+    return AVViews(views, np.ascontiguousarray(np.tile(clips, (crops, 1, 1, 1))), track.silent)
+
+
+def _item_views(item, p: P.Protocol, filename_tmpl: str) -> tuple[np.ndarray, int]:
     from .decode import open_video, rawframes
 
     if item.kind != "video":
         if not item.total_frames or item.total_frames < 1:
             raise DecodeError(f"{item.path}: the list gives {item.total_frames} frames")
         needed = sorted(ClipPlan(item.total_frames, p).count)
-        return clip_views(rawframes(item.path, needed, filename_tmpl), item.total_frames, p, item.path)
+        return clip_views(rawframes(item.path, needed, filename_tmpl), item.total_frames, p, item.path), \
+            item.total_frames
     with open_video(item.path) as video:
         total = video.claimed or video.count()
         if total < 1:
             raise DecodeError(f"{item.path}: no decodable frames")
         try:
-            return clip_views(video.frames(), total, p, item.path)
+            return clip_views(video.frames(), total, p, item.path), total
         except ShortVideo as short:                 # the header claimed more frames than the stream holds
             total = short.frames
     if total < 1:
         raise DecodeError(f"{item.path}: no decodable frames")
     with open_video(item.path) as video:
-        return clip_views(video.frames(), total, p, item.path)
+        return clip_views(video.frames(), total, p, item.path), total
