@@ -114,6 +114,18 @@ def test_parameter_count_is_the_published_one():
     assert len([e for e in zoo.entries() if e["arch"] == "c3d"]) == 4
 
 
+def test_finetune_lines_train_a_step(golden):
+    """`vmzconv config --finetune` for C3D: plain PyTorch lines (a new fc8, BN frozen) that run as printed."""
+    res = run_cli("config", golden["out"], "--finetune", "--num-classes", "5")
+    assert res.returncode == 0, res.stderr
+    ns: dict = {}
+    exec(res.stdout, ns)                                             # noqa: S102 (our own printed lines)
+    before = ns["model"].bn1a.running_mean.clone()
+    loss = ns["train_step"](torch.rand(2, 3, 16, 112, 112) * 255, torch.tensor([0, 4]))
+    assert np.isfinite(loss) and ns["model"].fc8.out_features == 5
+    assert torch.equal(ns["model"].bn1a.running_mean, before)        # frozen BN
+
+
 def test_predict_and_features_run_c3d(golden, tmp_path):
     """The run-time commands take C3D's 16-frame clips: predict (two clips) and features (one 4096-d fc7
     row per window) on a tiny PyAV video."""

@@ -264,6 +264,10 @@ def inspect(src, max_bytes, as_json):
     click.echo(f"arch       {report['arch']} ({report['num_classes']} classes, conv1 temporal kernel "
                f"{report['conv1_temporal_kernel']})")
     click.echo(f"parameters {report['parameters']:,} in {report['parameter_blobs']} parameter blobs")
+    if "towers" in report:
+        t = report["towers"]
+        click.echo(f"visual     {t['visual']}\naudio      {t['audio']}\nfusion     {t['fusion']}")
+        click.echo(f"heads      {', '.join(t['heads'])}" + (" (G-Blend)" if len(t["heads"]) > 1 else ""))
     left = report["non_parameter_blobs"]
     click.echo(f"leftovers  {len(left)}" + (": " + safe(", ".join(f"{k} ({v})" for k, v in list(left.items())[:6]))
                                             if left else ""))
@@ -376,7 +380,7 @@ def zoo(as_json):
     def acc(e, who):
         return f"{e[who + '_top1']}/{e[who + '_top5']}" if who + "_top1" in e else "-"
 
-    table = [head] + [[e["file"], e["arch"], str(e["classes"]), e["pretrain"].split(" (")[0], e["kind"],
+    table = [head] + [[e["file"], e["arch"], str(e.get("classes", "?")), e["pretrain"].split(" (")[0], e["kind"],
                        e["name"], e.get("norm", "-"), acc(e, "vmz"), acc(e, "mmaction2")] for e in rows]
     click.echo(render_table(table))
 
@@ -809,6 +813,17 @@ def demo(out_dir, arch, seed, classes):
     finally:
         stages.close()
     _print_result(res, False)
+    if FAMILIES[family].av:              # a tiny video with a sound track for predict / features
+        import numpy as np
+
+        from .synth import tone_frames, write_video_with_audio
+
+        t = np.arange(2 * 44100) / 44100
+        sound = 0.3 * np.sin(2 * np.pi * (220 + 200 * t) * t)            # a 2-s chirp
+        video = write_video_with_audio(out_dir / f"{stem}.mp4", tone_frames(50), sound)
+        click.echo(f"wrote    {safe(video)} (2 s, 25 fps, AAC sound)")
+        click.echo(safe(f"next     vmzconv predict {res.output} {video}   |   vmzconv inspect {pkl}"))
+        return
     click.echo(safe(f"next     vmzconv inspect {pkl}   |   vmzconv parity {pkl} {res.output}"))
 
 

@@ -87,8 +87,10 @@ def test_config(path: str | Path) -> str:
         load = (f"from safetensors.torch import load_file\nmodel.load_state_dict(load_file({path!r}), strict=True)"
                 if path.endswith(".safetensors") else
                 f"import torch\nmodel.load_state_dict(torch.load({path!r}, weights_only=True)['state_dict'], strict=True)")
+        audio = ("\n# audio: N x 1 x 100 x 40 VMZ log-mels (vmzconv.video.audio; the card's input.audio), "
+                 "model(video, audio)" if a.fam.av else "")
         return (f"# {target}: build the model, then load the file strictly\n{recipe(target, a)}\n{load}\n"
-                f"# input: RGB, NCTHW, 0-255, mean {inp['mean']}, std {inp['std']}")
+                f"# input: RGB, NCTHW, 0-255, mean {inp['mean']}, std {inp['std']}{audio}")
     zoo_info = meta.get("zoo")
     lines = [f"# MMAction2 1.x config for {Path(path).name} ({a.name}, {a.num_classes} classes); save it as a "
              ".py file and run: python tools/test.py THIS.py " + (path if target == "mmaction2" else "CKPT"),
@@ -149,6 +151,9 @@ def finetune_config(path: str | Path, num_classes: int, ann_train: str | None = 
         raise InputError(f"{path}: an MMAction2 recognizer file; MMAction2's backbone.pretrained= loads backbone-"
                          "relative keys only (this file's start with 'backbone.', so nothing would load): convert the "
                          "pickle again with --target mmaction2-backbone and print the config for that file")
+    if a.fam.av:
+        raise InputError(f"{path}: an audio-visual file; fine-tune its visual tower like any backbone (convert the "
+                         "pickle with --tower visual and print the config for that file)")
     if meta["target"] not in MMACTION2:
         return _torch_finetune(path, a, meta["target"], num_classes, meta["input"])
     inp, f = meta["input"], FINETUNE
@@ -253,5 +258,5 @@ def _torch_finetune(path: str, a: arch_mod.Arch, target: str, num_classes: int, 
         "    loss.backward()",
         "    nn.utils.clip_grad_norm_(model.parameters(), 40)",
         "    optimizer.step()",
-        "    return float(loss)",
+        "    return float(loss.detach())",
     ])

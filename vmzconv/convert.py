@@ -88,7 +88,7 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
         "zoo": None,
     }
     entry = zoo.lookup(blobs.source)
-    if entry is not None and entry["arch"] == a.name and entry["classes"] == a.num_classes:
+    if entry is not None and entry["arch"] == a.name and entry.get("classes", a.num_classes) == a.num_classes:
         meta["zoo"] = {
             "file": entry["file"], "pretrain": entry["pretrain"], "kind": entry["kind"],
             "name": entry["name"], "mmaction2_published": entry.get("mmaction2_published"),
@@ -102,6 +102,12 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
             meta["zoo"]["protocol_note"] = entry["protocol_note"]
         if "clip_len" in entry and not a.clip_len:     # e.g. R(2+1)D-34 clip 8 vs clip 32 (R2D: its weights say)
             meta["input"]["clip_len"] = int(entry["clip_len"])
+        for key in ("crop_size", "short_side"):         # e.g. the AudioSet R(2+1)D-101 at 224
+            if key in entry:
+                meta["input"][key] = int(entry[key])
+        if entry.get("resize") is False:
+            meta["input"].pop("resize", None)
+        meta["zoo"]["modality"] = entry.get("modality", "RGB")
     return meta
 
 
@@ -327,4 +333,14 @@ def inspect(src: str | Path, max_bytes: int | None = None) -> dict:
         suspicious={"missing": missing, "unknown": sorted(unknown), "refused": refused,
                     "non_finite": sorted(n for n in wanted if n in blobs and not np.isfinite(blobs[n]).all())},
     )
+    if a.fam.av:
+        w, n = a.feature_dim, a.num_classes
+        count = {p: sum(1 for b in blobs.names() if b.startswith(p)) for p in ("v_", "a_")}
+        report["towers"] = {
+            "visual": f"{arch_mod.FAMILIES[a.fam.visual].title}-{a.depth} on RGB clips ({count['v_']} v_ blobs)",
+            "audio": f"VMZ's audio ResNet-{a.depth} on 1x100x40 log-mels ({count['a_']} a_ blobs)",
+            "fusion": f"[visual {w}, audio {w}] -> av_fc1 {2 * w}->{w}, ReLU -> av_fc2 {w}->{w}, ReLU -> "
+                      f"last_out_L{n} {w}->{n}",
+            "heads": ["joint", "audio", "visual"] if a.gblend else ["joint"],
+        }
     return report

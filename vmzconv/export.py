@@ -1,6 +1,7 @@
 """``vmzconv export``: a converted checkpoint as an ONNX graph, proven equal in ONNX Runtime before it is kept.
 
-The graph takes one input ``video`` [N, 3, T, H, W] (float32, normalised as the card says) and gives
+The graph takes one input ``video`` [N, 3, T, H, W] (float32, normalised as the card says; an audio-visual
+model also ``audio`` [N, 1, 100, 40], its log-mels) and gives
 ``logits`` [N, classes] and/or ``features`` [N, C] (the globally pooled vector). The batch axis is
 always dynamic; ``dynamic=True`` makes T, H and W dynamic too (global average pooling allows it).
 Before anything is written, ONNX Runtime (CPU) runs the fixed parity clip at batch 1 and 2 (and at
@@ -54,8 +55,9 @@ class Exported:
     metadata: dict
 
 
-def prove(proto, module, clips: list[np.ndarray], names: list[str]) -> Proof:
-    """ONNX Runtime (CPU) against ``module`` on each clip, for each output."""
+def prove(proto, module, clips: list, names: list[str]) -> Proof:
+    """ONNX Runtime (CPU) against ``module`` on each clip (an array, or a (video, log-mels) pair for an
+    audio-visual model), for each output."""
     import torch
 
     _, ort = _require()
@@ -66,10 +68,11 @@ def prove(proto, module, clips: list[np.ndarray], names: list[str]) -> Proof:
                               "max_abs_diff": float("nan"), "clip": []}])
     checks = []
     for clip in clips:
+        clip, audio = clip if isinstance(clip, tuple) else (clip, None)
         with torch.no_grad():
-            want = module(torch.from_numpy(clip))
+            want = module(*graph._args(clip, audio))
         want = [want] if len(names) == 1 else list(want)
-        got = sess.run(names, {"video": clip})
+        got = sess.run(names, {"video": clip} | ({} if audio is None else {"audio": audio}))
         for name, w, g in zip(names, want, got):
             w = w.numpy()
             tolerance = TOLERANCE * max(1.0, float(np.abs(w).max()) if np.isfinite(w).all() else 1.0)
@@ -129,8 +132,12 @@ def export(ckpt: str | Path, out: str | Path, output: str = "logits", clip: tupl
     clips = [base, parity.fixed_clip(t, h, n=2)]
     if dynamic:
         clips.append(parity.fixed_clip(2 * t, h + 32, n=1))
+    av = conv.arch.fam.av
+    audio = parity.fixed_logmels() if av else None
+    if av:                               # the second input: log-mels, as many as clips
+        clips = [(c, parity.fixed_logmels(c.shape[0])) for c in clips]
     while True:
-        proto = graph.to_onnx(module, base, names, dynamic, opset)
+        proto = graph.to_onnx(module, base, names, dynamic, opset, audio)
         proof = prove(proto, module, clips, names)
         loadable = not any("cannot load" in c.get("error", "") for c in proof.checks)
         if loadable or opset <= MIN_OPSET:
@@ -150,6 +157,9 @@ def export(ckpt: str | Path, out: str | Path, output: str = "logits", clip: tupl
                                              "W" if dynamic else h], "dtype": "float32", "layout": "NCTHW",
                   "channel_order": "RGB", "normalisation": {k: inp[k] for k in ("mean", "std", "value_range")
                                                             if k in inp}},
+        **({"audio_input": {"name": "audio", "shape": ["N", 1, 100, 40], "dtype": "float32",
+                            "what": "VMZ log-mels (see the checkpoint card's input.audio); not normalised",
+                            "features": "av_fc2's output (what the joint classifier reads)"}} if av else {}),
         "proof": {"passed": proof.passed, "tolerance": TOLERANCE, "checks": proof.checks},
     }
     for key, value in metadata.items():

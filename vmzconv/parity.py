@@ -165,11 +165,11 @@ def _run_av(blobs, arch, model, clip_size, tolerance: float) -> Verdict:
     if set(ours) != set(ref):
         raise CheckError(f"the model has heads {sorted(ours)}, the blobs {sorted(ref)}")
     verdicts = {name: compare(ours[name], ref[name], tolerance, clip.shape) for name in ref}
-    worst = next((n for n, v in verdicts.items() if not v.passed), None) or \
-        max(verdicts, key=lambda n: verdicts[n].max_abs_diff)
+    failing = [n for n, v in verdicts.items() if not v.passed]
+    worst = failing[0] if failing else max(verdicts, key=lambda n: verdicts[n].max_abs_diff)
     verdict = verdicts[worst]
-    if not verdict.passed:
-        verdict.reason = f"{worst} head: {verdict.reason}"
+    if failing:
+        verdict.reason = f"{', '.join(failing)} head{'s' if len(failing) > 1 else ''}: {verdict.reason}"
     verdict.heads = {n: float(v.max_abs_diff) for n, v in verdicts.items()}
     verdict.reference_seconds, verdict.model_seconds = round(t1 - t0, 3), round(t2 - t1, 3)
     return verdict

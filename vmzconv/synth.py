@@ -178,3 +178,52 @@ def seeded_blobs(family: str, depth: int, classes: int = 400, seed: int = 0,
             a = rng.normal(0.0, 0.1, shape)
         out[name] = a.astype(np.float32)
     return out
+
+
+def tone_frames(n: int, w: int = 160, h: int = 120, seed: int = 0) -> np.ndarray:
+    """n RGB frames [n, h, w, 3] uint8: a moving gradient with noise (the demo's video)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = np.empty((n, h, w, 3), np.uint8)
+    for t in range(n):
+        wave = 0.5 + 0.5 * np.sin((x + 3 * t) / 7.0 + (y - 2 * t) / 5.0)
+        img = wave[..., None] * np.array([200, 120, 60], np.float32) + rng.normal(0, 8, (h, w, 3))
+        out[t] = np.clip(img, 0, 255).astype(np.uint8)
+    return out
+
+
+def write_video_with_audio(path: str | Path, rgb: np.ndarray, samples: np.ndarray | None, fps: int = 25,
+                           sample_rate: int = 44100, codec: str = "aac") -> Path:
+    """An MP4 (mpeg4 video) with an audio track: ``codec`` "aac" (stereo, both channels ``samples``) or
+    "pcm_s16le" (mono; in a .mov or .mkv); ``samples`` None writes no audio stream."""
+    import av
+
+    path = Path(path)
+    n, h, w, _ = rgb.shape
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = w, h, "yuv420p"
+        audio = None
+        if samples is not None:
+            audio = container.add_stream(codec, rate=sample_rate)
+            audio.layout = "stereo" if codec == "aac" else "mono"
+        for img in rgb:
+            for packet in video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        if audio is not None:
+            x = np.asarray(samples, np.float32)
+            for start in range(0, len(x), 1024):
+                part = x[start:start + 1024]
+                if codec == "aac":
+                    frame = av.AudioFrame.from_ndarray(np.stack([part, part]), format="fltp", layout="stereo")
+                else:
+                    frame = av.AudioFrame.from_ndarray((np.clip(part, -1, 1) * 32767).astype(np.int16)[None],
+                                                       format="s16", layout="mono")
+                frame.sample_rate, frame.pts = sample_rate, start
+                for packet in audio.encode(frame):
+                    container.mux(packet)
+            for packet in audio.encode():
+                container.mux(packet)
+    return path

@@ -224,6 +224,7 @@ def _evaluate(opts: Options, r: Run, items) -> dict:
     bar = tqdm(total=len(mine), initial=len(probs), unit="video", desc="verify", file=sys.stderr,
                disable=opts.quiet or r.rank != 0 or not sys.stderr.isatty())
     skipped: dict[int, str] = {}
+    silent: set[int] = set()
     hits = sum(int(np.argmax(v) == labels[i]) for i, v in probs.items())
     infer_s, infer_n, seen = 0.0, 0, 0
     load = functools.partial(item_views, p=r.protocol, filename_tmpl=opts.filename_tmpl, audio=r.audio)
@@ -244,6 +245,8 @@ def _evaluate(opts: Options, r: Run, items) -> dict:
                 infer_n += 1
             arr = torch.softmax(out.value, dim=1).mean(dim=0).numpy().astype(np.float64)
             probs[index] = arr
+            if out.silent:
+                silent.add(index)
             cache.put(out.item, arr)
             hits += int(np.argmax(arr) == labels[index])
             bar.set_postfix_str(f"top-1 {100.0 * hits / max(1, len(probs)):.1f}%")
@@ -251,7 +254,7 @@ def _evaluate(opts: Options, r: Run, items) -> dict:
         bar.close()
     peak = int(torch.cuda.max_memory_allocated(r.device) // 2**20) if r.device.type == "cuda" else None
     return {"probs": {i: v.tolist() for i, v in probs.items()}, "skipped": skipped, "cached": len(mine) - len(todo),
-            "infer": (infer_s, infer_n), "peak": peak, "corrupt_cache": cache.corrupt}
+            "infer": (infer_s, infer_n), "peak": peak, "corrupt_cache": cache.corrupt, "silent": sorted(silent)}
 
 
 def _report(opts: Options, r: Run, items, names, parts: list[dict], wall: float) -> Outcome:
@@ -291,6 +294,9 @@ def _report(opts: Options, r: Run, items, names, parts: list[dict], wall: float)
             "peak_gpu_memory_mib": max(peaks) if peaks else None,
         },
     }
+    silent = sorted({int(i) for p in parts for i in p.get("silent", [])})
+    if silent:                      # audio-visual model, --silent-audio: these videos had no sound
+        report["silent_audio"] = [items[i].name for i in silent]
     if names:
         report["predictions"] = {items[i].name: names[int(np.argmax(v))] if int(np.argmax(v)) < len(names) else None
                                  for i, v in sorted(all_probs.items())}
