@@ -18,7 +18,7 @@ from vmzconv.zoo import entries, lookup
 
 def test_zoo_lists_every_released_csn_and_r2plus1d_pickle(cli):
     names = {e["file"] for e in entries()}
-    assert len(names) == 51            # 21 CSN / R(2+1)D-34 / -152, 25 of models.md, 2 R(2+1)D-34 32-frame, 3 C3D
+    assert len(names) == 59            # 21 CSN / R(2+1)D-34 / -152, 25 of models.md, 3 R(2+1)D-34 32-frame, 3 C3D, 7 AV
     for fam in ("irCSN_152", "ipCSN_152", "r2plus1d_152"):
         for kind in ("kinetics_from_scratch", "Sports1M_from_scratch", "ft_kinetics_from_Sports1M",
                      "ig65m_from_scratch", "ft_kinetics_from_ig65m"):

@@ -205,17 +205,18 @@ def test_plain_pytorch_finetune_lines_run_as_printed(cli, vmz_pickle, tmp_path):
     assert not torch.equal(model.layer1[0].conv1[0][0].weight.detach(), conv)
 
 
-@pytest.mark.parametrize("family", ["mc3", "rmc4", "r2df"])
-def test_2018_families_in_mmaction2_compute_the_converted_logits(mm, cli, vmz_pickle, tmp_path, family):
+@pytest.mark.parametrize("family,depth", [("mc3", 18), ("rmc4", 18), ("r2df", 18), ("mc3", 10), ("rmc2", 16)])
+def test_2018_families_in_mmaction2_compute_the_converted_logits(mm, cli, vmz_pickle, tmp_path, family, depth):
     """MC3, rMC4 and fR2D as MMAction2 ResNet3d recognizers (per-stage inflate and temporal strides, the
-    family's stem kernel): the printed test config, built by MMAction2, loads the file strictly and gives
-    vmzconv's logits; R2D (an unpadded clip-long stem) is refused for MMAction2 in one line."""
+    family's stem kernel; at VMZ's depths 10 and 16, depth 18's BasicBlock3d with VMZ's stage_blocks): the
+    printed test config, built by MMAction2, loads the file strictly and gives vmzconv's logits; R2D (an
+    unpadded clip-long stem) is refused for MMAction2 in one line."""
     from mmengine.runner import load_checkpoint
 
     from vmzconv.load import load_converted
     from vmzconv.synth import seeded_blobs
 
-    src = vmz_pickle.custom(f"{family}.pkl", seeded_blobs(family, 18))
+    src = vmz_pickle.custom(f"{family}.pkl", seeded_blobs(family, depth))
     out = tmp_path / f"{family}.pth"
     res = cli("convert", src, out, "--target", "mmaction2", "--parity-clip", "8,32")
     assert res.exit_code == 0, res.stderr

@@ -212,14 +212,14 @@ def test_the_2018_families_are_told_apart_by_stage_kernels(kts, conv1_kt, found)
             detect(blobs)
 
 
-@pytest.mark.parametrize("arrays,fragment", [
-    (lambda: {"conv1a_w": np.zeros((64, 3, 3, 3, 3), np.float32)}, "blob 'fc6_w' has shape missing, VMZ's C3D has"),
-    (lambda: dict(synth.seeded_blobs("r2plus1d", 18), conv1_middle_w=np.zeros((45, 2, 1, 7, 7), np.float32)),
-     "optical-flow model"),
-])
-def test_incomplete_c3d_and_flow_models_are_named(arrays, fragment):
-    with pytest.raises(ArchError, match=re.escape(fragment)):
-        detect(Blobs("old.pkl", arrays()))
+def test_an_incomplete_c3d_is_named_and_a_flow_stem_is_read():
+    with pytest.raises(ArchError, match=re.escape("blob 'fc6_w' has shape missing, VMZ's C3D has")):
+        detect(Blobs("old.pkl", {"conv1a_w": np.zeros((64, 3, 3, 3, 3), np.float32)}))
+    flow = dict(synth.seeded_blobs("r2plus1d", 18), conv1_middle_w=np.zeros((45, 2, 1, 7, 7), np.float32))
+    assert detect(Blobs("flow.pkl", flow)).in_channels == 2                 # optical flow (tests/test_flow.py)
+    folded = dict(synth.seeded_blobs("r2plus1d", 18), conv1_middle_w=np.zeros((45, 6, 1, 7, 7), np.float32))
+    with pytest.raises(ArchError, match="frames folded into channels"):
+        detect(Blobs("f.pkl", folded))
 
 
 # -- faults parity must catch ---------------------------------------------------------------------

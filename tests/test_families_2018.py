@@ -176,3 +176,35 @@ def test_predict_features_and_export_run_them(vmz_pickle, tmp_path):
     assert np.load(tmp_path / "f" / "v.npy").shape == (3, 512)        # 20 frames, 8-frame windows + tail
     res = run_cli("export", files["rmc3"], tmp_path / "m.onnx")
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("fam,depth", [("mc3", 10), ("rmc4", 16), ("r2df", 101), ("r2d", 16)])
+def test_other_depths_of_vmz_builder_convert_with_parity(vmz_pickle, tmp_path, fam, depth):
+    """create_mcx / create_rmcx / create_r2df / create_r2d accept BLOCK_CONFIG's 10, 16, 18, 26, 34, 50, 101 and
+    152 and always build simple blocks with the shallow widths (so 101 is 33 simple blocks, 512-d, not a
+    bottleneck network; 26 and 50 are 18's and 34's networks): detected from the block count, converted with
+    parity, and the card's torchvision lines build the same model."""
+    from vmzconv.load import load_converted
+    from vmzconv.synth import seeded_blobs
+
+    src = vmz_pickle.custom(f"{fam}_d{depth}.pkl", seeded_blobs(fam, depth))
+    out = tmp_path / "m.pth"
+    res = run_cli("convert", src, out, "--json", "-q", "--parity-clip", "8,32")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["arch"] == f"{fam}_r{depth}" and summary["parity"]["passed"]
+    conv = load_converted(out)
+    assert conv.arch.kind == "simple" and conv.arch.feature_dim == 512
+    assert len(reference.blob_specs(fam, depth, 400)) == len(seeded_blobs(fam, depth))
+    resnet = torchvision_video.load()
+    if resnet is None:
+        pytest.skip("the torchvision wheel is not in .venv/wheels (the test command downloads it)")
+    card = json.loads(out.with_name("m.pth.json").read_text())
+    ns: dict = {}
+    exec(card["build"], ns)                                          # noqa: S102 (our own card)
+    ns["model"].load_state_dict(torch.load(out, weights_only=True)["state_dict"], strict=True)
+    clip = torch.from_numpy(parity.fixed_clip(8, 56))
+    with torch.no_grad():
+        theirs, ours = ns["model"].eval()(clip).numpy(), conv.model(clip).numpy()
+    assert np.abs(theirs - ours).max() <= 1e-5 * np.abs(ours).max()
+

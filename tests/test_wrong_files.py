@@ -66,13 +66,19 @@ def test_feature_extraction_output(cli, tmp_path):
     assert_one_line_error(cli("inspect", p), "VMZ feature-extraction output", "final_avg")
 
 
-def test_audio_visual_model(cli, tmp_path):
+def test_broken_audio_visual_model(cli, tmp_path):
+    """A file with v_/a_ blobs but no joint head, and a wrong a_conv1: one line each, nothing written."""
     blobs = {("v_" + k if not k.startswith("last_out") else "v_" + k): v
              for k, v in synth.seeded_blobs("ipcsn", 50).items() if k.startswith(("conv1", "comp_0_", "last_out"))}
     blobs["a_conv1_w"] = np.zeros((64, 1, 3, 3), np.float32)
     p = wrong(tmp_path, "g_b_ip_csn_152_kinetics.pkl", synth.dumps_py2({"blobs": blobs}))
     res = cli("convert", p, tmp_path / "o.pth")
-    assert_one_line_error(res, "audio-visual VMZ model", "not supported")
+    assert_one_line_error(res, "g_b_ip_csn_152_kinetics.pkl", "classifier blob last_out_L<N>_w")
+    blobs["last_out_L400_w"], blobs["last_out_L400_b"] = np.zeros((400, 4096), np.float32), np.zeros(400, np.float32)
+    p = wrong(tmp_path, "g_b_ip_csn_152_kinetics.pkl", synth.dumps_py2({"blobs": blobs}))
+    res = cli("convert", p, tmp_path / "o.pth")
+    assert_one_line_error(res, "audio-visual VMZ model", "a_conv1_w is [64, 1, 3, 3]", "[16, 1, 3, 3]")
+    assert not (tmp_path / "o.pth").exists()
 
 
 def test_max_bytes_limit(vmz_pickle, cli, tmp_path):

@@ -20,7 +20,12 @@ from .errors import ArchError
 
 # VMZ BLOCK_CONFIG (c2/lib/models/r3d_model.py): blocks per layer. Depth 18/34 use simple blocks
 # with the shallow widths, 50+ bottlenecks with the deep ones.
-BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+BLOCKS = {10: (1, 1, 1, 1), 16: (2, 2, 2, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3),
+          101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+# The 2018 families (create_r2d/r2df/mcx/rmcx) build simple blocks at every depth of VMZ's BLOCK_CONFIG: 10, 16,
+# 18, 26, 34, 50, 101, 152. There 26 is 18's (2, 2, 2, 2) and 50 is 34's (3, 4, 6, 3), the same graph and blobs,
+# so they are converted as 18 and 34.
+DEPTHS_2018 = (10, 16, 18, 34, 101, 152)
 SIMPLE_DEPTHS = (18, 34)
 # What VMZ's extract_features.py pickles instead of parameters.
 FEATURE_OUTPUTS = {"final_avg", "softmax", "label", "video_id"}
@@ -54,6 +59,10 @@ class Family:
     scheme: str | None = None          # blob-naming scheme = the mapping tables it uses (default: its own name)
     default_kt: int = 3                # conv1's temporal kernel when nothing says otherwise
     visual: str | None = None          # audio-visual: the family of its visual tower ("v_" blobs)
+    simple_only: bool = False          # simple blocks at every depth (the 2018 families), not bottlenecks at 50+
+
+    def kind_of(self, depth: int) -> str:
+        return "simple" if self.simple_only else block_kind(depth)
 
     def arch_names(self) -> tuple[str, ...]:
         if not self.resnet:
@@ -136,7 +145,7 @@ _MC = {k: tuple("3d" if i < k - 2 else "2d" for i in range(4)) for k in (2, 3, 4
 _RMC = {k: tuple("2d" if i < k - 2 else "3d" for i in range(4)) for k in (2, 3, 4, 5)}      # create_rmcx
 def _family_2018(name: str, title: str, stem: str, kinds: tuple[str, ...], kts: tuple[int, ...],
                  default_kt: int) -> "Family":
-    """A VMZ 2018 family: simple blocks only (depth 18 and 34 here), R3D's blob names and tables, VMZ's
+    """A VMZ 2018 family: simple blocks at every depth (10 to 152), R3D's blob names and tables, VMZ's
     R(2+1)D/R3D test protocol (171x128 frames, 10 clips, a 112 centre crop), no pool1. MMAction2's
     ResNet3d holds those with a padded stem (not R2D's): per stage, ``inflate`` 1 for 3x3x3 and 0 for
     1x3x3 convs, and a temporal stride of 2 only where a 3-D stage downsamples."""
@@ -144,9 +153,9 @@ def _family_2018(name: str, title: str, stem: str, kinds: tuple[str, ...], kts: 
         type="ResNet3d", pretrained2d=False, conv1_kernel=(default_kt, 7, 7), conv1_stride_t=1, pool1_stride_t=1,
         with_pool1=False, with_pool2=False, inflate=tuple(int(k == "3d") for k in kinds), inflate_style="3x3x3",
         spatial_strides=(1, 2, 2, 2), temporal_strides=tuple(2 if i and k == "3d" else 1 for i, k in enumerate(kinds)))
-    return Family(name, title, (18, 34), "3d", stem, False, _R21D_PROTOCOL, (8, 112), _plain(kinds, kts),
+    return Family(name, title, DEPTHS_2018, "3d", stem, False, _R21D_PROTOCOL, (8, 112), _plain(kinds, kts),
                   simple_marker="!comp_0_conv_3_w", mmaction2=mm, stages=kinds, stem_kts=kts, scheme="r3d",
-                  default_kt=default_kt)
+                  default_kt=default_kt, simple_only=True)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -195,9 +204,10 @@ class Arch:
     num_classes: int       # from last_out_L{N}
     conv1_kt: int | None = None     # temporal kernel of the stem's (temporal) conv; None: the family's usual
     gblend: bool = False   # audio-visual: the G-Blend heads a_last_out / v_last_out are present
+    in_channels: int = 3   # the stem's input channels: 3 RGB; otherwise optical flow (VMZ's: 2, x and y)
 
     def __post_init__(self):
-        for field_name in ("depth", "num_classes", "conv1_kt"):
+        for field_name in ("depth", "num_classes", "conv1_kt", "in_channels"):
             v = getattr(self, field_name)
             if v is None and field_name == "conv1_kt":
                 continue
@@ -205,6 +215,8 @@ class Arch:
                 raise ArchError(f"{field_name} must be a positive integer, not {str(v)[:40]!r}")
         if self.num_classes > 1_000_000:
             raise ArchError(f"implausible {self.num_classes=}")
+        if self.in_channels > 64:
+            raise ArchError(f"implausible {self.in_channels=}")
         if self.family not in FAMILIES:
             raise ArchError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
         fam = FAMILIES[self.family]
@@ -246,7 +258,7 @@ class Arch:
 
     @property
     def kind(self) -> str:
-        return block_kind(self.depth) if self.fam.resnet else "vgg"
+        return self.fam.kind_of(self.depth) if self.fam.resnet else "vgg"
 
     def has_projection(self, layer: int, j: int) -> bool:
         """VMZ adds a shortcut projection where width or stride change: the first block of layers 2-4,
@@ -258,6 +270,16 @@ class Arch:
         return {"simple": 512, "bottleneck": 2048, "vgg": C3D_FC}[self.kind]
 
     @property
+    def flow(self) -> bool:
+        return self.in_channels != 3
+
+    @property
+    def modality(self) -> str:
+        if self.flow:
+            return f"optical flow, {self.in_channels} channels"
+        return "audio-visual" if self.fam.av else "RGB"
+
+    @property
     def visual(self) -> "Arch":
         """An audio-visual arch's visual tower as an ordinary arch of its family (itself otherwise)."""
         if not self.fam.av:
@@ -265,7 +287,7 @@ class Arch:
         return Arch(self.fam.visual, self.depth, self.num_classes, self.conv1_kt)
 
     def describe(self) -> str:
-        extra = ", G-Blend heads" if self.gblend else ""
+        extra = (", G-Blend heads" if self.gblend else "") + (f", {self.modality}" if self.flow else "")
         return f"{self.name} ({self.num_classes} classes, conv1 temporal kernel {self.conv1_kt}{extra})"
 
 
@@ -276,7 +298,9 @@ def arch_from_card(meta: dict) -> Arch:
     gblend = meta.get("gblend", False)
     if not isinstance(gblend, bool):
         raise ArchError(f"meta field 'gblend' must be true or false, not {str(gblend)[:20]!r}")
-    return Arch(family, depth, int(meta["num_classes"]), None if kt is None else int(kt), gblend=gblend)
+    channels = meta.get("input_channels", 3)
+    return Arch(family, depth, int(meta["num_classes"]), None if kt is None else int(kt), gblend=gblend,
+                in_channels=channels)
 
 
 def _kts(kts: tuple[int, ...]) -> str:
@@ -318,10 +342,9 @@ def _refuse_other_models(blobs: Blobs, names: set) -> None:
     conv1 = _shape(blobs, first)
     if len(conv1) != 5:
         raise ArchError(f"{src}: {first} has shape {list(conv1)}, expected 5 dimensions")
-    if conv1[1] != 3:
-        kind = "an R(2+1)D-F / R2D-F model (frames folded into channels)" if conv1[1] % 3 == 0 and conv1[1] > 3 \
-            else "an optical-flow model"
-        raise ArchError(f"{src}: {first} takes {conv1[1]} input channels, not 3 (RGB) — {kind}; not supported")
+    if conv1[1] % 3 == 0 and conv1[1] > 3:        # other counts are optical flow (VMZ's flow_data_type: 2, 3, 5)
+        raise ArchError(f"{src}: {first} takes {conv1[1]} input channels, not 3 (RGB) — an R(2+1)D-F / R2D-F model "
+                        "(frames folded into channels); not supported")
 
 
 def _block_count(names: set) -> int:
@@ -359,7 +382,7 @@ def candidates(blobs: Blobs) -> list[Arch]:
     kinds = _plain_stage_kinds(blobs, names)
     if not fams and kinds not in (None, ("3d",) * 4):
         raise ArchError(f"{src}: a VMZ 2018 model with stages {'/'.join(kinds)} at a depth vmzconv does not "
-                        "convert (R2D, fR2D, MCx and rMCx: depth 18 and 34)")
+                        "convert (R2D, fR2D, MCx and rMCx: depths 10, 16, 18, 34, 101, 152; VMZ's 26 and 50 are 18 and 34)")
     if not fams:
         raise ArchError(f"{src}: block 0 matches none of the VMZ families vmzconv knows "
                         f"({', '.join(f.title for f in FAMILIES.values())})")
@@ -369,7 +392,9 @@ def candidates(blobs: Blobs) -> list[Arch]:
 def _arch_of(blobs: Blobs, names: set, fam: Family) -> Arch:
     src = blobs.source
     stem = _shape(blobs, "conv1_w")
-    want = (64, 45, None, 1, 1) if fam.stem == "2plus1d" else (64, 3, None, 7, 7)
+    first = _shape(blobs, "conv1_middle_w" if fam.stem == "2plus1d" else "conv1_w")
+    channels = first[1] if len(first) == 5 else 3             # optical flow: 2 (VMZ's flow_data_type 0)
+    want = (64, 45, None, 1, 1) if fam.stem == "2plus1d" else (64, channels, None, 7, 7)
     if len(stem) != 5 or any(w is not None and s != w for s, w in zip(stem, want)):
         shown = "[" + ", ".join("kT" if w is None else str(w) for w in want) + "]"
         raise ArchError(f"{src}: conv1_w has shape {list(stem)}, a {fam.title} stem needs {shown}")
@@ -387,12 +412,12 @@ def _arch_of(blobs: Blobs, names: set, fam: Family) -> Arch:
     else:
         simple = marker in names
     kind = "simple" if simple else "bottleneck"
-    depth = next((d for d in fam.depths if block_kind(d) == kind and sum(BLOCKS[d]) == count), None)
+    depth = next((d for d in fam.depths if fam.kind_of(d) == kind and sum(BLOCKS[d]) == count), None)
     if depth is None or len(indices) != count:
-        known = ", ".join(f"{d}: {sum(BLOCKS[d])}" for d in fam.depths if block_kind(d) == kind) or "none"
+        known = ", ".join(f"{d}: {sum(BLOCKS[d])}" for d in fam.depths if fam.kind_of(d) == kind) or "none"
         raise ArchError(f"{src}: {len(indices)} {kind} {fam.title} blocks numbered up to {max(indices)}; "
                         f"depths have ({known}) blocks")
-    return Arch(fam.name, depth, _classes(blobs, names), int(stem[2]))
+    return Arch(fam.name, depth, _classes(blobs, names), int(stem[2]), in_channels=int(channels))
 
 
 def _classes(blobs: Blobs, names: set) -> int:

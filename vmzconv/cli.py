@@ -262,7 +262,7 @@ def inspect(src, max_bytes, as_json):
     click.echo(f"file       {safe(report['file'])} ({report['bytes']} bytes, sha256 {report['sha256'][:16]}...)")
     click.echo(f"blobs      {report['blobs']} ({', '.join(report['dtypes'])})")
     click.echo(f"arch       {report['arch']} ({report['num_classes']} classes, conv1 temporal kernel "
-               f"{report['conv1_temporal_kernel']})")
+               f"{report['conv1_temporal_kernel']}; {report['modality']})")
     click.echo(f"parameters {report['parameters']:,} in {report['parameter_blobs']} parameter blobs")
     if "towers" in report:
         t = report["towers"]

@@ -60,6 +60,10 @@ def _backbone(a: arch_mod.Arch, pretrained: str | None, frozen_bn: bool) -> dict
         backbone["bn_frozen"] = True
     if a.conv1_kt != 3:
         backbone["conv1_kernel"] = (a.conv1_kt, 7, 7)
+    if a.flow:
+        backbone["in_channels"] = a.in_channels
+    if a.fam.simple_only and a.depth not in (18, 34):     # BasicBlock3d at VMZ's other depths: depth 18's block,
+        backbone["depth"], backbone["stage_blocks"] = 18, tuple(a.layers)      # VMZ's block counts
     backbone["pretrained"] = pretrained
     return backbone
 

@@ -45,6 +45,10 @@ def input_spec(a: arch_mod.Arch) -> dict:
         spec["clip_len"] = a.clip_len
     views = a.fam.protocol["num_clips"] * a.fam.protocol["num_crops"]
     spec["aggregation"] = f"softmax per view, mean over the {views} views"
+    if a.flow:
+        from .video import flow as F
+
+        spec.update(F.input_spec(a.in_channels))
     if a.fam.av:
         from .video import audio as A
 
@@ -72,6 +76,8 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
         "num_classes": int(a.num_classes),
         "conv1_temporal_kernel": int(a.conv1_kt),
         **({"gblend": bool(a.gblend)} if a.fam.av else {}),
+        **({"input_channels": int(a.in_channels)} if a.flow else {}),
+        "modality": a.modality,
         "target": target,
         "options": options,
         "mapping": {"table": table.name, "builtin": builtin_table, "sha256": table.sha256},
@@ -88,7 +94,8 @@ def build_meta(blobs: Blobs, a: arch_mod.Arch, target: str, table: mapping.Table
         "zoo": None,
     }
     entry = zoo.lookup(blobs.source)
-    if entry is not None and entry["arch"] == a.name and entry.get("classes", a.num_classes) == a.num_classes:
+    if (entry is not None and entry["arch"] == a.name and entry.get("classes", a.num_classes) == a.num_classes
+            and entry.get("input_channels", 3) == a.in_channels):
         meta["zoo"] = {
             "file": entry["file"], "pretrain": entry["pretrain"], "kind": entry["kind"],
             "name": entry["name"], "mmaction2_published": entry.get("mmaction2_published"),
@@ -142,7 +149,7 @@ def check_consumer(target: str, a: arch_mod.Arch, state_dict, blobs: Blobs, clip
     except RuntimeError as e:
         raise CheckError(f"--check-consumer: the file does not load into {target}'s own model: "
                          f"{str(e).splitlines()[0][:200]}") from None
-    clip = parity.fixed_clip(*clip_size)
+    clip = parity.fixed_clip(*clip_size, c=a.in_channels)
     with torch.no_grad():
         ours = model.eval()(torch.from_numpy(clip)).numpy()
     from . import reference
@@ -328,6 +335,7 @@ def inspect(src: str | Path, max_bytes: int | None = None) -> dict:
     params = int(sum(p.numel() for p in model.parameters()))
     report.update(
         arch=a.name, family=a.family, depth=a.depth, num_classes=a.num_classes, conv1_temporal_kernel=a.conv1_kt,
+        modality=a.modality,
         parameter_blobs=len(wanted & set(blobs.names())), parameters=params,
         non_parameter_blobs=dict(sorted(ignored.items())),
         suspicious={"missing": missing, "unknown": sorted(unknown), "refused": refused,

@@ -128,10 +128,11 @@ def export(ckpt: str | Path, out: str | Path, output: str = "logits", clip: tupl
     names = ["logits", "features"] if output == "both" else [output]
     module = Heads(conv.model, output)
     t, h = clip or conv.arch.parity_clip
-    base = parity.fixed_clip(t, h)
-    clips = [base, parity.fixed_clip(t, h, n=2)]
+    c = conv.arch.in_channels
+    base = parity.fixed_clip(t, h, c=c)
+    clips = [base, parity.fixed_clip(t, h, n=2, c=c)]
     if dynamic:
-        clips.append(parity.fixed_clip(2 * t, h + 32, n=1))
+        clips.append(parity.fixed_clip(2 * t, h + 32, n=1, c=c))
     av = conv.arch.fam.av
     audio = parity.fixed_logmels() if av else None
     if av:                               # the second input: log-mels, as many as clips
@@ -153,9 +154,9 @@ def export(ckpt: str | Path, out: str | Path, output: str = "logits", clip: tupl
         "vmzconv_version": __version__, "source_checkpoint": Path(conv.path).name,
         "source_sha256": conv.sha256, "arch": conv.arch.name, "num_classes": conv.arch.num_classes,
         "outputs": names, "opset": opset, "dynamic_axes": ["N", "T", "H", "W"] if dynamic else ["N"],
-        "input": {"name": "video", "shape": ["N", 3, "T" if dynamic else t, "H" if dynamic else h,
+        "input": {"name": "video", "shape": ["N", c, "T" if dynamic else t, "H" if dynamic else h,
                                              "W" if dynamic else h], "dtype": "float32", "layout": "NCTHW",
-                  "channel_order": "RGB", "normalisation": {k: inp[k] for k in ("mean", "std", "value_range")
+                  "channel_order": inp.get("channel_order", "RGB"), "normalisation": {k: inp[k] for k in ("mean", "std", "value_range")
                                                             if k in inp}},
         **({"audio_input": {"name": "audio", "shape": ["N", 1, 100, 40], "dtype": "float32",
                             "what": "VMZ log-mels (see the checkpoint card's input.audio); not normalised",

@@ -37,11 +37,16 @@ FORMATS = ("npy", "h5")
 INDEX_HEADER = ["video", "row", "start_frame", "end_frame", "start_sec", "end_sec", "fps", "windows"]
 
 
-def window_chunks(path: str, w: Windows, batch: int, audio: str | None = None):
+def window_chunks(path: str, w: Windows, batch: int, audio: str | None = None, flow: bool = False):
     """(uint8 views [B * crops, T, h, w, 3], info) for the windows of one video, ``batch`` windows at a
     time, cut while the video streams past (one open of the file); info = {fps, windows: [(start,
     end_frame)], crops}. With ``audio`` (audio-visual models: "need" or "silent") the views come as an
-    :class:`inference.AVViews` with each window's log-mels."""
+    :class:`inference.AVViews` with each window's log-mels. ``flow``: each window reads clip_len + 1 frames
+    and its views are float32 optical flow [B * crops, T, h, w, 2]."""
+    if flow:
+        from .video.flow import GAP, flow_views
+
+        w = replace(w, clip_len=w.clip_len + GAP)
     with open_video(path) as video:
         rate = w.fps or video.rate
         if not rate:
@@ -55,6 +60,7 @@ def window_chunks(path: str, w: Windows, batch: int, audio: str | None = None):
             from .video.audio import Track
 
             track = Track(path, n, w.span, audio == "silent")
+        if w.num_snippets:
             layout = w.layout(n)
             plan, where = snippet_plan(layout, w.clip_len), layout.__getitem__
         else:
@@ -65,6 +71,8 @@ def window_chunks(path: str, w: Windows, batch: int, audio: str | None = None):
             views = np.concatenate([v for _, v in pending])
             info = {"fps": rate, "windows": [(s, e) for (s, e, _), _ in pending], "crops": int(pending[0][1].shape[0])}
             pending.clear()
+            if flow:
+                views = flow_views(views)
             if track is not None:
                 from .inference import AVViews
 
@@ -243,7 +251,7 @@ def _run(opts: Options, r, items, names, out_dir: Path, wins: Windows) -> Summar
     acc: dict[int, list] = {}
     skipped: dict[int, str] = {}
     silent: set[int] = set()
-    load = functools.partial(_item_chunks, w=wins, batch=opts.batch, audio=r.audio)
+    load = functools.partial(_item_chunks, w=wins, batch=opts.batch, audio=r.audio, flow=r.flow)
     try:
         for out in r.stream([items[i] for i in todo], load):
             i = out.item.index
@@ -280,8 +288,8 @@ def _run(opts: Options, r, items, names, out_dir: Path, wins: Windows) -> Summar
                    total, dim, index, h5)
 
 
-def _item_chunks(item, w: Windows, batch: int, audio: str | None = None):
-    return window_chunks(item.path, w, batch, audio)
+def _item_chunks(item, w: Windows, batch: int, audio: str | None = None, flow: bool = False):
+    return window_chunks(item.path, w, batch, audio, flow)
 
 
 def _gather(chunks: list):

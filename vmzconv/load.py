@@ -71,11 +71,15 @@ def check_card(path, meta: dict) -> None:
         return
     if not isinstance(inp, dict):
         bad("input", f"is a {type(inp).__name__}, not a table")
+    channels = meta.get("input_channels", 3)
+    if not (isinstance(channels, int) and not isinstance(channels, bool) and 1 <= channels <= 64):
+        bad("input_channels", f"must be a whole number from 1 to 64, not {short_repr(channels)}")
     for key in ("mean", "std"):
         if key in inp:
             v = inp[key]
-            if not (isinstance(v, list) and len(v) == 3 and all(_finite_number(x) for x in v)):
-                bad(f"input.{key}", f"must be three finite numbers (R, G, B), not {short_repr(v)}")
+            if not (isinstance(v, list) and len(v) == channels and all(_finite_number(x) for x in v)):
+                what = "(R, G, B)" if channels == 3 else "(one per input channel)"
+                bad(f"input.{key}", f"must be {channels} finite numbers {what}, not {short_repr(v)}")
             if key == "std" and min(v) <= 0:
                 bad("input.std", f"must be positive, not {v}")
     fields = {k: inp[k] for k in ("clip_len", "frame_interval", "num_clips", "short_side", "crop_size", "num_crops",

@@ -20,10 +20,10 @@ DEFAULT_CLIP = (8, 224)       # T, H (= W); each family has its own default (Fam
 DEFAULT_TOLERANCE = 1e-4      # max |logit difference|
 
 
-def fixed_clip(t: int = DEFAULT_CLIP[0], h: int = DEFAULT_CLIP[1], n: int = 1) -> np.ndarray:
-    """The closed-form N x 3 x T x H x H clip (see the module docstring)."""
-    j = np.arange(n * 3 * t * h * h, dtype=np.float64)
-    return (np.sin(0.013 * j + 0.5) + 0.5 * np.cos(0.0071 * j)).astype(np.float32).reshape(n, 3, t, h, h)
+def fixed_clip(t: int = DEFAULT_CLIP[0], h: int = DEFAULT_CLIP[1], n: int = 1, c: int = 3) -> np.ndarray:
+    """The closed-form N x C x T x H x H clip (see the module docstring; C = 2 for optical flow)."""
+    j = np.arange(n * c * t * h * h, dtype=np.float64)
+    return (np.sin(0.013 * j + 0.5) + 0.5 * np.cos(0.0071 * j)).astype(np.float32).reshape(n, c, t, h, h)
 
 
 def fixed_logmels(n: int = 1) -> np.ndarray:
@@ -131,7 +131,7 @@ def run(blobs, arch, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
     check_clip(arch, clip_size)
     if arch.fam.av:
         return _run_av(blobs, arch, model, clip_size, tolerance)
-    clip = fixed_clip(*clip_size)
+    clip = fixed_clip(*clip_size, c=arch.in_channels)
     t0 = time.perf_counter()
     ref = reference.forward(blobs.arrays, arch.family, arch.depth, arch.num_classes, clip)
     t1 = time.perf_counter()
@@ -255,7 +255,7 @@ def trace(blobs, arch, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
     if arch.fam.av:
         raise VmzconvError("--trace follows one video network stage by stage; for an audio-visual file run parity "
                            "without it (it compares every head), or trace its visual tower (convert --tower visual)")
-    clip = fixed_clip(*clip_size)
+    clip = fixed_clip(*clip_size, c=arch.in_channels)
     model.eval()
     # The PyTorch side runs first and keeps its (float32) stage outputs; the reference then streams past
     # them. Interleaving the two stage by stage makes torch's and NumPy's thread pools fight (~1.2x slower).

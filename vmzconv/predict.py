@@ -57,7 +57,7 @@ def predict(ckpt: str, videos: list[str], arch: str | None = None, top_k: int = 
         items = [annotations.Item(i, v, -1, v, "video") for i, v in enumerate(videos)]
         probs: dict[int, np.ndarray] = {}
         silent: set[int] = set()
-        for out in r.stream(items, functools.partial(item_views, p=r.protocol, audio=r.audio)):
+        for out in r.stream(items, functools.partial(item_views, p=r.protocol, audio=r.audio, flow=r.flow)):
             if out.done:
                 if out.error:
                     raise InputError(out.error)

@@ -40,7 +40,8 @@ import numpy as np
 
 BN_EPS = 1e-3
 # VMZ BLOCK_CONFIG; depth 18/34 build simple blocks with the SHALLOW widths, 50+ bottlenecks with DEEP.
-BLOCK_CONFIG = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+BLOCK_CONFIG = {10: (1, 1, 1, 1), 16: (2, 2, 2, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3),
+                101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 SHALLOW = ((64, 64), (128, 128), (256, 256), (512, 512))           # (output width, base width) per stage
 DEEP = ((256, 64), (512, 128), (1024, 256), (2048, 512))
 STEM_WIDTH = 64
@@ -76,11 +77,16 @@ class Block:
     simple: bool
 
 
-def blocks(depth: int) -> Iterator[Block]:
-    """VMZ's block enumeration for ``depth``."""
+def simple_blocks(family: str, depth: int) -> bool:
+    """Simple blocks at depth 10-34, bottlenecks above; the 2018 families (add_simple_block only) at every depth."""
+    return depth <= 34 or (family in STAGES and family != "r3d")
+
+
+def blocks(depth: int, simple: bool | None = None) -> Iterator[Block]:
+    """VMZ's block enumeration for ``depth`` (``simple``: the block kind, when the family fixes it)."""
     if depth not in BLOCK_CONFIG:
         raise ValueError(f"depth must be one of {sorted(BLOCK_CONFIG)}, not {depth}")
-    simple = depth in (18, 34)
+    simple = depth <= 34 if simple is None else simple
     index, dim_in = 0, STEM_WIDTH
     for stage, n in enumerate(BLOCK_CONFIG[depth]):
         dim_out, base = (SHALLOW if simple else DEEP)[stage]
@@ -194,7 +200,7 @@ def _audio_specs(depth: int) -> list[tuple[str, tuple]]:
 
 
 def blob_specs(family: str, depth: int, classes: int, conv1_kt: int | None = None,
-               gblend: bool = True) -> list[tuple[str, tuple]]:
+               gblend: bool = True, in_channels: int = 3) -> list[tuple[str, tuple]]:
     """Every parameter blob (name, shape) a VMZ ``family`` checkpoint holds, in graph order (audio-visual:
     with the G-Blend heads unless ``gblend`` is False)."""
     if family not in FAMILIES:
@@ -220,21 +226,22 @@ def blob_specs(family: str, depth: int, classes: int, conv1_kt: int | None = Non
                         (f"last_out_L{classes}_b", (classes,))]
     if family in CSN and depth in (18, 34):
         raise ValueError("CSN exists only as a bottleneck network (depth 50, 101, 152)")
-    if family in STAGES and family != "r3d" and depth not in (18, 34):
-        raise ValueError("the 2018 families are built here at depth 18 and 34 (simple blocks)")
+    if family in STAGES and family != "r3d" and depth not in (10, 16, 18, 34, 101, 152):
+        raise ValueError("the 2018 families are built here at depths 10, 16, 18, 34, 101 and 152 (26 and 50 are 18's "
+                         "and 34's networks)")
     conv1_kt = conv1_kt or STEM_KT.get(family, 3)
     if family == "r2plus1d":
         m = R2PLUS1D_STEM_MIDDLE
-        specs = (_conv_bn("conv1_middle_w", "conv1_middle_spatbn_relu", (m, 3, 1, 7, 7))
+        specs = (_conv_bn("conv1_middle_w", "conv1_middle_spatbn_relu", (m, in_channels, 1, 7, 7))
                  + _conv_bn("conv1_w", "conv1_spatbn_relu", (STEM_WIDTH, m, conv1_kt, 1, 1)))
     else:
-        specs = _conv_bn("conv1_w", "conv1_spatbn_relu", (STEM_WIDTH, 3, conv1_kt, 7, 7))
-    for b in blocks(depth):
+        specs = _conv_bn("conv1_w", "conv1_spatbn_relu", (STEM_WIDTH, in_channels, conv1_kt, 7, 7))
+    for b in blocks(depth, simple_blocks(family, depth)):
         specs += _block_specs(family, b, depth)
         if b.projection:
             q = f"shortcut_projection_{b.index}"
             specs += _conv_bn(q + "_w", q + "_spatbn", (b.dim_out, b.dim_in, 1, 1, 1))
-    width = (SHALLOW if depth in (18, 34) else DEEP)[-1][0]
+    width = (SHALLOW if simple_blocks(family, depth) else DEEP)[-1][0]
     specs += [(f"last_out_L{classes}_w", (classes, width)), (f"last_out_L{classes}_b", (classes,))]
     return specs
 
@@ -406,7 +413,7 @@ def stages(blobs: Mapping[str, np.ndarray], family: str, depth: int, clip: np.nd
     yield "stem", x
     layer_of = [layer for layer, n in enumerate(BLOCK_CONFIG[depth], start=1) for _ in range(n)]
     first = {}
-    for b in blocks(depth):
+    for b in blocks(depth, simple_blocks(family, depth)):
         layer = layer_of[b.index]
         first.setdefault(layer, b.index)
         x = _block(x, blobs, family, b, depth)

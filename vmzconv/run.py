@@ -53,13 +53,16 @@ class Norm:
     mean: list | None = None
     std: list | None = None
 
-    def resolve(self, meta: dict) -> tuple[list, list]:
+    def resolve(self, meta: dict, channels: int = 3) -> tuple[list, list]:
         if self.preset:
             mean, std = NORMS[self.preset]["mean"], NORMS[self.preset]["std"]
         else:
             inp = meta.get("input") or {}
             mean, std = inp.get("mean", NORMS["vmz"]["mean"]), inp.get("std", NORMS["vmz"]["std"])
         mean, std = list(self.mean or mean), list(self.std or std)
+        if len(mean) != channels or len(std) != channels:
+            raise VmzconvError(f"mean {mean} / std {std}: this model takes {channels} input channels "
+                               f"({'optical flow x, y' if channels == 2 else 'one value each'})")
         if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
             raise VmzconvError(f"mean {mean} / std {std}: every value must be finite and every std positive")
         return mean, std
@@ -123,6 +126,7 @@ class Run:
     workers: int | None
     notes: list = field(default_factory=list)
     audio: str | None = None             # audio-visual models: "need" (an audio stream) or "silent" (zeros if none)
+    flow: bool = False                   # optical-flow models: views are flow computed from clip_len + 1 frames
 
     @property
     def device(self):
@@ -193,7 +197,11 @@ def open_run(ckpt: str | Path, arch: str | None, rt: RuntimeOptions, output: str
         if (needs_head or output == "logits") and not conv.target.has_head:
             raise InputError(needs_head or f"{ckpt}: a backbone-only ({conv.target.name}) file has no classifier")
         protocol = Protocol.from_card(conv.meta.get("input"), **(protocol_overrides or {}))
-        mean, std = (norm or Norm()).resolve(conv.meta)
+        mean, std = (norm or Norm()).resolve(conv.meta, conv.arch.in_channels)
+        if conv.arch.flow and (conv.arch.in_channels != 2 or protocol.frame_interval != 1):
+            raise InputError(f"{ckpt}: an optical-flow model runs here on VMZ's 2-channel flow between consecutive "
+                             f"frames (this one: {conv.arch.in_channels} channels, frame interval "
+                             f"{protocol.frame_interval})")
         notes: list[str] = list(conv.notes)
         if output in ("audio", "fused") and not conv.arch.fam.av:
             raise InputError(f"{ckpt}: --layer {output} is for audio-visual files; this is {conv.arch.name}")
@@ -202,7 +210,7 @@ def open_run(ckpt: str | Path, arch: str | None, rt: RuntimeOptions, output: str
             if rank == 0 and not quiet:
                 print(f"vmzconv: note: {safe(note)}", file=sys.stderr)
         audio = ("silent" if silent_audio or rt.silent_audio else "need") if conv.arch.fam.av else None
-        yield Run(conv, protocol, mean, std, engine, rank, world, rt.workers, notes, audio)
+        yield Run(conv, protocol, mean, std, engine, rank, world, rt.workers, notes, audio, conv.arch.flow)
     finally:
         if world > 1:
             import torch.distributed as dist

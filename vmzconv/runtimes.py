@@ -61,7 +61,8 @@ def graph_file(conv, output: str, cache: Path) -> Path:
     except OSError as e:
         raise OSError(f"cannot create the graph cache {folder}: {e.strerror or e}") from None
     t, h = conv.arch.parity_clip
-    proto = graph.to_onnx_fast(graph.Heads(conv.model, output), parity.fixed_clip(t, h), [output], True)
+    clip = parity.fixed_clip(t, h, c=conv.arch.in_channels)
+    proto = graph.to_onnx_fast(graph.Heads(conv.model, output), clip, [output], True)
     data = proto.SerializeToString()
     write_atomic(path, lambda f: f.write(data))
     return path
@@ -118,7 +119,7 @@ def prove(engine: Engine, conv, output: str) -> dict:
     from . import parity
 
     t, h = conv.arch.parity_clip
-    x = torch.from_numpy(parity.fixed_clip(t, h, n=2))
+    x = torch.from_numpy(parity.fixed_clip(t, h, n=2, c=conv.arch.in_channels))
     model = conv.model.eval()
     with torch.inference_mode():
         want = (model.features(x) if output == "features" else model(x)).double()

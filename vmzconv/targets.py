@@ -167,7 +167,7 @@ def recipe(target: str, arch) -> str:
         return f"{_C3D_CLASS}model = C3D(num_classes={arch.num_classes})"
     block = "BasicBlock" if arch.kind == "simple" else "Bottleneck"
     if target == "torchvision":
-        if fam.name == "r3d" and arch.depth == 18 and arch.conv1_kt == 3:
+        if fam.name == "r3d" and arch.depth == 18 and arch.conv1_kt == 3 and not arch.flow:
             build = f"model = torchvision.models.video.r3d_18(num_classes={arch.num_classes})"
             imports = "import torchvision\nfrom torch import nn\n"
             return f"{imports}{build}\n{_EPS_FIX}"
@@ -176,10 +176,10 @@ def recipe(target: str, arch) -> str:
         if fam.name == "r2plus1d":
             head = imports + "R2Plus1dStem\n\n" + _TV_CONV2PLUS1D
             build = f"model = VideoResNet({block}, [Conv2Plus1D] * 4, {layers}, R2Plus1dStem, num_classes={arch.num_classes})"
-        elif fam.name == "r3d" and arch.conv1_kt == 3:
+        elif fam.name == "r3d" and arch.conv1_kt == 3 and not arch.flow:
             head = imports + "Conv3DSimple, BasicStem\n"
             build = f"model = VideoResNet({block}, [Conv3DSimple] * 4, {layers}, BasicStem, num_classes={arch.num_classes})"
-        elif fam.name == "mc3" and arch.depth == 18:
+        elif fam.name == "mc3" and arch.depth == 18 and not arch.flow:
             imports = "import torchvision\nfrom torch import nn\n"
             build = f"model = torchvision.models.video.mc3_18(num_classes={arch.num_classes})"
             return f"{imports}{build}\n{_EPS_FIX}"
@@ -188,9 +188,10 @@ def recipe(target: str, arch) -> str:
             kt, pad = arch.conv1_kt, arch.stem_temporal_pad
             head = (imports + "Conv3DSimple, Conv3DNoTemporal\n\n"
                     "class Stem(nn.Sequential):             # VMZ's conv1: temporal kernel "
-                    f"{kt}, padding {pad}\n"
-                    "    def __init__(self):\n"
-                    f"        super().__init__(nn.Conv3d(3, 64, ({kt}, 7, 7), (1, 2, 2), ({pad}, 3, 3), bias=False),\n"
+                    f"{kt}, padding {pad}" + (f", {arch.in_channels} input channels (optical flow)" if arch.flow else "")
+                    + "\n    def __init__(self):\n"
+                    f"        super().__init__(nn.Conv3d({arch.in_channels}, 64, ({kt}, 7, 7), (1, 2, 2), ({pad}, 3, 3), "
+                    "bias=False),\n"
                     "                         nn.BatchNorm3d(64), nn.ReLU(inplace=True))\n\n")
             build = f"model = VideoResNet({block}, [{kinds}], {layers}, Stem, num_classes={arch.num_classes})"
             return f"{head}{build}\n{_EPS_FIX}"
@@ -201,6 +202,9 @@ def recipe(target: str, arch) -> str:
         if arch.conv1_kt != 3:                # R(2+1)D: the stem's temporal conv (its second conv) follows it
             build += (f"\nmodel.stem[3] = nn.Conv3d(45, 64, ({arch.conv1_kt}, 1, 1), (1, 1, 1), "
                       f"({arch.conv1_kt // 2}, 0, 0), bias=False)   # conv1 temporal kernel {arch.conv1_kt}")
+        if arch.flow:                         # optical flow: the stem's first conv takes C channels
+            build += (f"\nmodel.stem[0] = nn.Conv3d({arch.in_channels}, 45, (1, 7, 7), (1, 2, 2), (0, 3, 3), "
+                      f"bias=False)   # optical flow: {arch.in_channels} input channels")
         return f"{head}{build}\n{_EPS_FIX}"
     if target == "pytorchvideo":
         t, h = fam.protocol["clip_len"], fam.protocol["crop_size"]

@@ -111,9 +111,9 @@ def stem_unit(arch: Arch) -> Unit:
     kt = arch.conv1_kt
     if arch.fam.stem == "2plus1d":
         m = R2PLUS1D_STEM_MIDDLE
-        return Unit((Conv(3, m, (1, 7, 7), (1, 2, 2), (0, 3, 3)),
+        return Unit((Conv(arch.in_channels, m, (1, 7, 7), (1, 2, 2), (0, 3, 3)),
                      Conv(m, STEM_WIDTH, (kt, 1, 1), (1, 1, 1), (kt // 2, 0, 0))), (True,), True)
-    return Unit((Conv(3, STEM_WIDTH, (kt, 7, 7), (1, 2, 2), (arch.stem_temporal_pad, 3, 3)),), (), True)
+    return Unit((Conv(arch.in_channels, STEM_WIDTH, (kt, 7, 7), (1, 2, 2), (arch.stem_temporal_pad, 3, 3)),), (), True)
 
 
 def block_specs(arch: Arch) -> list[list[BlockSpec]]:

@@ -227,7 +227,8 @@ def _evaluate(opts: Options, r: Run, items) -> dict:
     silent: set[int] = set()
     hits = sum(int(np.argmax(v) == labels[i]) for i, v in probs.items())
     infer_s, infer_n, seen = 0.0, 0, 0
-    load = functools.partial(item_views, p=r.protocol, filename_tmpl=opts.filename_tmpl, audio=r.audio)
+    load = functools.partial(item_views, p=r.protocol, filename_tmpl=opts.filename_tmpl, audio=r.audio,
+                             flow=r.flow)
     try:
         for out in r.stream(todo, load):
             index = out.item.index

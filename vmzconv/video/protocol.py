@@ -150,11 +150,13 @@ def crop_boxes(w: int, h: int, p: Protocol) -> list[tuple[int, int]]:
 
 
 def normalise(v, mean, std):
-    """uint8 views [V, T, H, W, 3] (numpy or torch) -> float32 NCTHW (x - mean) / std."""
+    """Views [V, T, H, W, C] (uint8 RGB, or float32 optical flow; numpy or torch) -> float32 NCTHW
+    (x - mean) / std, one mean and std per channel."""
     import torch
 
     t = torch.as_tensor(v)
     x = t.permute(0, 4, 1, 2, 3).float()
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
+    c = x.shape[1]
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, c, 1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, c, 1, 1, 1)
     return (x - m) / s

@@ -238,10 +238,16 @@ def snippet_plan(layout: list[tuple], clip_len: int) -> IndexPlan:
     return IndexPlan(np.asarray([idx for _, _, idx in layout], dtype=np.int64).reshape(-1, clip_len))
 
 
-def item_views(item, p: P.Protocol, filename_tmpl: str = "img_{:05d}.jpg", audio: str | None = None):
+def item_views(item, p: P.Protocol, filename_tmpl: str = "img_{:05d}.jpg", audio: str | None = None,
+               flow: bool = False):
     """uint8 views [V, T, c, c, 3] of one annotation item (a video file or a rawframe folder). ``audio``
     ("need", or "silent": zeros for a file without an audio stream) also gives each view its clip's log-mels:
-    an :class:`inference.AVViews`."""
+    an :class:`inference.AVViews`. ``flow``: float32 optical flow [V, T, c, c, 2] from T + 1 frames a clip."""
+    if flow:
+        from .flow import GAP, flow_views
+
+        views, _ = _item_views(item, replace(p, clip_len=p.clip_len + GAP), filename_tmpl)
+        return flow_views(views)
     views, total = _item_views(item, p, filename_tmpl)
     if audio is None:
         return views
