@@ -25,15 +25,18 @@ CLASSES = 487
 
 @pytest.fixture(scope="module")
 def golden(module_dir):
-    """Recipe GOLDEN-1 for C3D at 487 classes (fc6_b, fc7_b on the FC-bias row), converted without parity
-    (the reference is compared to genuine Caffe2 below); the ~260 MB pickle and file go with the module."""
+    """Recipe GOLDEN-1 for C3D at 487 classes (fc6_b, fc7_b on the FC-bias row), converted with parity as bulk
+    converts a mixed folder (its --parity-clip is for the ResNets: C3D keeps 16x112, with a note); the ~260 MB
+    pickle and file go with the module."""
+    from vmzconv.convert import convert
     from vmzconv.synth import write_vmz_pickle
 
     blobs = golden_blobs("c3d", 8, CLASSES)
     src = write_vmz_pickle(module_dir / "c3d_golden.pkl", blobs)
     out = module_dir / "c3d.pth"
-    res = run_cli("convert", src, out, "--no-parity", "-q")
-    assert res.returncode == 0, res.stderr
+    res = convert(src, out, parity_clip=(8, 32), clip_for_resnets_only=True)
+    assert res.verdict.passed and res.verdict.clip == [1, 3, 16, 112, 112]
+    assert any("fixes its parity clip at 16,112" in n for n in res.notes)
     clip = parity.fixed_clip(16, 112)
     return dict(src=src, out=out, blobs=blobs, clip=clip, ref=reference.forward(blobs, "c3d", 8, CLASSES, clip))
 

@@ -165,7 +165,7 @@ def run_job(job: Job, force: bool) -> Row:
             row.parity_max_diff = (_card(job.output).get("parity_measured") or {}).get("max_abs_diff")
         else:
             res = convert(job.source, job.output, arch=job.arch, target=job.target, force=True,
-                          parity_clip=job.parity_clip)
+                          parity_clip=job.parity_clip, clip_for_resnets_only=True)
             row.status, row.arch, row.classes, row.target = "converted", res.arch, res.num_classes, res.target
             row.parity_max_diff = res.verdict.max_abs_diff if res.verdict else None
     except VmzconvError as e:

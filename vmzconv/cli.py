@@ -375,12 +375,14 @@ def zoo(as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    head = ["file", "arch", "classes", "pretrain", "kind", "output name", "norm", "VMZ top1/5", "MMAction2 top1/5"]
+    head = ["file", "arch", "classes", "modality", "pretrain", "kind", "output name", "norm", "VMZ top1/5",
+            "MMAction2 top1/5"]
 
     def acc(e, who):
         return f"{e[who + '_top1']}/{e[who + '_top5']}" if who + "_top1" in e else "-"
 
-    table = [head] + [[e["file"], e["arch"], str(e.get("classes", "?")), e["pretrain"].split(" (")[0], e["kind"],
+    table = [head] + [[e["file"], e["arch"], str(e.get("classes", "?")), e.get("modality", "RGB").split(" (")[0][:24],
+                       e["pretrain"].split(" (")[0], e["kind"],
                        e["name"], e.get("norm", "-"), acc(e, "vmz"), acc(e, "mmaction2")] for e in rows]
     click.echo(render_table(table))
 
@@ -791,8 +793,10 @@ def features(ckpt, videos, out_dir, ann, data_root, layer, stride, tail, num_sni
 @click.option("--classes", type=click.IntRange(1, 100_000), default=400, show_default=True,
               help="Classes of the pickle's FC: 359 (IG-65M) or 487 (Sports-1M) make a pretraining pickle "
                    "like VMZ's, which converts to a backbone file.")
+@click.option("--flow", is_flag=True,
+              help="An optical-flow model of --arch (a 2-channel stem, like r2.5d_d34_l32_ft_sports1m_optical_flow.pkl).")
 @_fail_cleanly
-def demo(out_dir, arch, seed, classes):
+def demo(out_dir, arch, seed, classes, flow):
     """Write a VMZ-format pickle (Python-2 cPickle opcodes, seeded weights) and convert it.
 
     Needs no download: shows the whole pipeline, parity included, on a model
@@ -803,9 +807,12 @@ def demo(out_dir, arch, seed, classes):
     from .synth import seeded_blobs, write_vmz_pickle
 
     family, depth = parse_arch_name(arch)
+    if flow and (not FAMILIES[family].resnet or FAMILIES[family].av):
+        raise VmzconvError(f"--flow: VMZ's optical-flow models are video ResNets, not {arch}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"demo_{arch}" + ("" if classes == 400 else f"_{classes}")
-    pkl = write_vmz_pickle(out_dir / f"{stem}.pkl", seeded_blobs(family, depth, classes, seed))
+    stem = f"demo_{arch}" + ("" if classes == 400 else f"_{classes}") + ("_flow" if flow else "")
+    pkl = write_vmz_pickle(out_dir / f"{stem}.pkl",
+                           seeded_blobs(family, depth, classes, seed, in_channels=2 if flow else 3))
     click.echo(f"wrote    {safe(pkl)} (VMZ format, {pkl.stat().st_size / 1e6:.1f} MB, seed {seed}, {classes} classes)")
     stages = _Stages(False)
     try:

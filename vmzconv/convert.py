@@ -215,12 +215,14 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
             parity_clip=None, tolerance: float = parity.DEFAULT_TOLERANCE,
             force: bool = False, keep_head: bool = False, card: bool = True,
             publish: str | None = None, date: str | None = None, max_bytes: int | None = None,
-            progress=None, consumer: bool = False, allow_non_finite: bool = False, tower: str = "all") -> Result:
+            progress=None, consumer: bool = False, allow_non_finite: bool = False, tower: str = "all",
+            clip_for_resnets_only: bool = False) -> Result:
     """Convert one VMZ pickle. Raises a VmzconvError (and writes nothing) on any failure. ``tower="visual"``:
     an audio-visual file's visual tower alone, as an ordinary file of its family.
 
     ``out`` is the output file, or with ``publish`` the folder that receives
-    ``PUBLISH_YYYYMMDD-<sha8>.pth``. ``parity_clip`` (T, H) defaults to the family's.
+    ``PUBLISH_YYYYMMDD-<sha8>.pth``. ``parity_clip`` (T, H) defaults to the family's; with
+    ``clip_for_resnets_only`` (bulk's mixed folders) C3D, whose fc6 fixes its input, keeps its own.
     """
     step = progress or (lambda name: None)
     t0 = time.perf_counter()
@@ -246,6 +248,10 @@ def convert(src: str | Path, out: str | Path, arch: str = "auto", target: str = 
         raise VmzconvError(f"--tower {tower!r}: all or visual")
     target, notes = choose_target(a, target, keep_head)
     notes = tower_notes + notes
+    if parity_clip and clip_for_resnets_only and not a.fam.resnet and tuple(parity_clip) != a.parity_clip:
+        notes.append(f"--parity-clip {','.join(map(str, parity_clip))} is for the video ResNets; {a.fam.title}'s "
+                     f"fc6 fixes its parity clip at {','.join(map(str, a.parity_clip))}")
+        parity_clip = None
     step("map")
     model, table, mapped = map_blobs(blobs, a, target, mapping_path)
     if not allow_non_finite:        # a sum per tensor: torch.isfinite allocated a full boolean copy of each
