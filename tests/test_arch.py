@@ -40,7 +40,7 @@ def test_named_arch_must_agree():
     (lambda a: a.update(conv1_middle_w=np.zeros((45, 3, 1, 7, 7), np.float32)), "R(2+1)D"),
     (lambda a: a.update({"v_comp_0_conv_1_w": np.zeros(1, np.float32)}), "audio-visual"),
     (lambda a: a.pop("conv1_w"), "no conv1_w"),
-    (lambda a: a.update(conv1_w=np.zeros((64, 2, 3, 7, 7), np.float32)), "optical-flow model"),
+    (lambda a: a.update(conv1_w=np.zeros((64, 6, 3, 7, 7), np.float32)), "frames folded into channels"),
     (lambda a: a.update(last_out_L487_w=np.zeros((487, 2048), np.float32)), "exactly one classifier"),
     (lambda a: [a.pop(k) for k in list(a) if k.startswith("comp_15_")], "15 bottleneck ir-CSN blocks"),
 ])

@@ -292,3 +292,17 @@ def test_inspect_shows_both_towers_and_demo_writes_sound(tmp_path):
     for fragment in ("R(2+1)D-18 on RGB clips", "audio ResNet-18 on 1x100x40 log-mels", "av_fc1 1024->512",
                      "joint, audio, visual (G-Blend)"):
         assert fragment in res.stdout
+
+
+@pytest.mark.parametrize("family", ["av_ircsn", "av_ipcsn"])
+def test_csn_towers_at_depth_50_convert_with_parity_from_a_pickle(vmz_pickle, tmp_path, family):
+    """A Python-2-opcode pickle with VMZ's names and shapes (no G-Blend heads this time) through the CLI:
+    the joint model passes parity and its card carries the audio input."""
+    src = vmz_pickle.custom(f"{family}50.pkl", seeded_blobs(family, 50, gblend=False))
+    out = tmp_path / "av.pth"
+    res = run_cli("convert", src, out, "--json", "-q", "--parity-clip", "8,32")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["arch"] == f"{family}_r50" and summary["target"] == "av" and summary["parity"]["passed"]
+    card = json.loads(out.with_name("av.pth.json").read_text())
+    assert card["gblend"] is False and card["input"]["audio"]["shape"] == [1, 100, 40]

@@ -161,12 +161,12 @@ def write_vmz_pickle(path: str | Path, arrays: dict[str, np.ndarray], wrap: bool
 
 
 def seeded_blobs(family: str, depth: int, classes: int = 400, seed: int = 0,
-                 conv1_kt: int | None = None, in_channels: int = 3) -> dict[str, np.ndarray]:
+                 conv1_kt: int | None = None, in_channels: int = 3, gblend: bool = True) -> dict[str, np.ndarray]:
     """Random but well-scaled VMZ blobs: He-scaled convs, BN near identity, positive variances (``in_channels``
-    2: an optical-flow model's stem)."""
+    2: an optical-flow model's stem; ``gblend``: an audio-visual model's G-Blend heads)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name, shape in reference.blob_specs(family, depth, classes, conv1_kt, in_channels=in_channels):
+    for name, shape in reference.blob_specs(family, depth, classes, conv1_kt, gblend=gblend, in_channels=in_channels):
         role = reference.blob_role(name)
         if role in ("conv_weight", "fc_weight"):
             fan_in = int(np.prod(shape[1:]))
