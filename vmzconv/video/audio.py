@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 
-from .decode import DecodeError, _av_errors, check_regular_file
+from .decode import DecodeError, _av_errors, open_container
 
 SAMPLE_RATE = 16000           # av_decoder.h outrate_; av_input_op.h kAudioSamplingRate
 MEL_FILTERS = 40              # av_input_op.h kNumLogMelFilters
@@ -107,23 +107,16 @@ def decode_audio(path: str) -> np.ndarray | None:
     """The file's first audio stream as 16 kHz mono float32 samples, or None when it has no audio stream."""
     import av
 
-    check_regular_file(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise DecodeError(f"{path}: cannot open: {e.strerror or e}") from None
-    with f:
+    with open_container(path) as container:
+        if not container.streams.audio:
+            return None
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        parts = []
         try:
-            with av.open(f, mode="r") as container:
-                if not container.streams.audio:
-                    return None
-                stream = container.streams.audio[0]
-                resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-                parts = []
-                for frame in container.decode(stream):
-                    frame.pts = None                 # sample counts, not timestamps, as swr_convert sees them
-                    for out in resampler.resample(frame):
-                        parts.append(out.to_ndarray().reshape(-1))
+            for frame in container.decode(container.streams.audio[0]):
+                frame.pts = None                 # sample counts, not timestamps, as swr_convert sees them
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray().reshape(-1))
         except _av_errors() as e:
             raise DecodeError(f"{path}: cannot decode its audio: {e}") from None
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)

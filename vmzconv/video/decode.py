@@ -139,9 +139,9 @@ def check_regular_file(path: str, what: str = "video file") -> None:
 
 
 @contextlib.contextmanager
-def open_video(path: str):
-    """The video at ``path``, opened once, as a :class:`Video`: a regular file, read through a Python file
-    object so that FFmpeg never interprets the name (no URL protocols)."""
+def open_container(path: str):
+    """PyAV's container of the regular file at ``path``, read through a Python file object so that FFmpeg
+    never interprets the name (no URL protocols); one-line errors naming the file."""
     import av
 
     check_regular_file(path)
@@ -155,16 +155,24 @@ def open_video(path: str):
         except _av_errors() as e:
             raise DecodeError(f"{path}: cannot open video: {e}") from None
         with container:
-            if not container.streams.video:
-                raise DecodeError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            w, h = stream.codec_context.width or 0, stream.codec_context.height or 0
-            if w * h > MAX_FRAME_PIXELS:
-                raise DecodeError(f"{path}: its {w}x{h} frames are larger than vmzconv decodes "
-                                  f"({MAX_FRAME_PIXELS:,} pixels)")
-            stream.thread_type = "AUTO"
-            rate = stream.average_rate or stream.guessed_rate
-            yield Video(path, container, float(rate) if rate else None, int(stream.frames or 0))
+            yield container
+
+
+@contextlib.contextmanager
+def open_video(path: str):
+    """The video at ``path``, opened once, as a :class:`Video`: a regular file, read through a Python file
+    object so that FFmpeg never interprets the name (no URL protocols)."""
+    with open_container(path) as container:
+        if not container.streams.video:
+            raise DecodeError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        w, h = stream.codec_context.width or 0, stream.codec_context.height or 0
+        if w * h > MAX_FRAME_PIXELS:
+            raise DecodeError(f"{path}: its {w}x{h} frames are larger than vmzconv decodes "
+                              f"({MAX_FRAME_PIXELS:,} pixels)")
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate
+        yield Video(path, container, float(rate) if rate else None, int(stream.frames or 0))
 
 
 def rawframes(folder: str, indices, tmpl: str) -> Source:
