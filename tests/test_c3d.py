@@ -25,17 +25,17 @@ CLASSES = 487
 
 @pytest.fixture(scope="module")
 def golden(module_dir):
-    """Recipe GOLDEN-1 for C3D at 487 classes (fc6_b, fc7_b on the FC-bias row), converted with parity as bulk
-    converts a mixed folder (its --parity-clip is for the ResNets: C3D keeps 16x112, with a note); the ~260 MB
-    pickle and file go with the module."""
+    """Recipe GOLDEN-1 for C3D at 487 classes (fc6_b, fc7_b on the FC-bias row), converted as bulk converts a
+    mixed folder (its --parity-clip is for the ResNets: C3D keeps 16x112, with a note). Parity is run below
+    against the reference computed once here (the float64 C3D costs ~7 s); the ~260 MB pickle and file go
+    with the module."""
     from vmzconv.convert import convert
     from vmzconv.synth import write_vmz_pickle
 
     blobs = golden_blobs("c3d", 8, CLASSES)
     src = write_vmz_pickle(module_dir / "c3d_golden.pkl", blobs)
     out = module_dir / "c3d.pth"
-    res = convert(src, out, parity_clip=(8, 32), clip_for_resnets_only=True)
-    assert res.verdict.passed and res.verdict.clip == [1, 3, 16, 112, 112]
+    res = convert(src, out, parity_clip=(8, 32), clip_for_resnets_only=True, check_parity=False)
     assert any("fixes its parity clip at 16,112" in n for n in res.notes)
     clip = parity.fixed_clip(16, 112)
     return dict(src=src, out=out, blobs=blobs, clip=clip, ref=reference.forward(blobs, "c3d", 8, CLASSES, clip))
@@ -56,6 +56,7 @@ def test_genuine_caffe2_logits_are_reproduced(golden):
     for got in (golden["ref"], ours):
         assert np.abs(got - caffe2).max() <= 1e-4 * scale
         assert (np.argsort(-got[0])[:5] == np.argsort(-caffe2[0])[:5]).all()
+    assert parity.compare(ours, golden["ref"]).passed                  # parity as convert runs it
 
 
 def test_card_build_lines_in_a_fresh_interpreter_load_strictly_and_agree(golden):
