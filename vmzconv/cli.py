@@ -153,9 +153,9 @@ def _print_result(res, as_json: bool) -> None:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vmzconv")
 def main():
-    """Convert VMZ (Caffe2) .pkl checkpoints (ir-CSN, ip-CSN, R(2+1)D, R3D) into PyTorch
-    checkpoints that load strictly into MMAction2 or torchvision-style models, and prove
-    each one numerically.
+    """Convert VMZ (Caffe2) .pkl checkpoints (ir-CSN, ip-CSN, R(2+1)D, R3D, the 2018 R2D, fR2D,
+    MCx, rMCx and C3D, optical-flow and audio-visual models) into PyTorch checkpoints that load
+    strictly into MMAction2, torchvision-style or plain PyTorch models, and prove each one numerically.
 
     Start with `vmzconv demo` (no downloads), then `vmzconv inspect FILE.pkl`
     and `vmzconv convert FILE.pkl OUT.pth`.
@@ -366,8 +366,8 @@ def config(ckpt, mode, num_classes, ann_train, ann_val, data_root):
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the zoo as JSON.")
 def zoo(as_json):
-    """List the known VMZ pickles (ir/ip-CSN, R(2+1)D, R3D, and the 2018 R2D, fR2D, MCx, rMCx): arch,
-    classes, pretraining, what file each becomes, the normalisation its MMAction2 config uses, and the
+    """List the known VMZ pickles (ir/ip-CSN, R(2+1)D, R3D, the 2018 R2D, fR2D, MCx, rMCx, C3D, the
+    optical-flow and the audio-visual models): arch, classes, modality, pretraining, what file each becomes, the normalisation its MMAction2 config uses, and the
     published accuracy (VMZ's video@1/@5; MMAction2's re-measurements where they exist)."""
     from .zoo import entries
 
