@@ -232,3 +232,27 @@ def test_2018_families_in_mmaction2_compute_the_converted_logits(mm, cli, vmz_pi
     res = cli("convert", vmz_pickle.custom("r2d.pkl", seeded_blobs("r2d", 18)), tmp_path / "r2d.pth",
               "--target", "mmaction2", "--no-parity")
     assert res.exit_code == 2 and "unpadded" in res.stderr and not (tmp_path / "r2d.pth").exists()
+
+
+def test_an_optical_flow_r3d_in_mmaction2_takes_two_channels(mm, cli, vmz_pickle, tmp_path):
+    """An R3D with a 2-channel stem: the printed config's ResNet3d has in_channels=2 and the flow mean/std,
+    loads the file strictly and gives vmzconv's logits; no RGB test pipeline is printed for it."""
+    from mmengine.runner import load_checkpoint
+
+    from vmzconv.load import load_converted
+    from vmzconv.synth import seeded_blobs
+
+    src = vmz_pickle.custom("r3d_flow.pkl", seeded_blobs("r3d", 18, in_channels=2))
+    out = tmp_path / "flow.pth"
+    assert cli("convert", src, out, "--target", "mmaction2", "--parity-clip", "8,32").exit_code == 0
+    cfg, text = _config(cli, tmp_path, out)
+    assert cfg.model.backbone.in_channels == 2 and "test_pipeline" not in text and "optical-flow" in text
+    assert list(cfg.model.data_preprocessor.mean) == [0.0046635, 0.0046261]
+    model = _build(mm, cfg)
+    load_checkpoint(model, cfg.load_from, strict=True)
+    model.eval()
+    clip = torch.from_numpy(parity.fixed_clip(8, 56, c=2))
+    with torch.no_grad():
+        theirs = model.cls_head(model.backbone(clip)).numpy()
+        ours = load_converted(out).model.eval()(clip).numpy()
+    assert np.abs(theirs - ours).max() <= 1e-5 * np.abs(ours).max()

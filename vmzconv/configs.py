@@ -106,6 +106,12 @@ def test_config(path: str | Path) -> str:
     lines.append("model = " + _py(_model(a, backbone, a.num_classes, inp)))
     if target == "mmaction2":
         lines.append(f"load_from = {path!r}")
+    if a.flow:                            # no MMAction2 pipeline computes VMZ's flow input from a video
+        lines += [f"# An optical-flow model ({a.in_channels} channels): MMAction2's pipelines decode RGB frames, or read "
+                  "8-bit flow images that are not VMZ's input (Farneback, unbounded, see the card's input.flow), so no "
+                  "test pipeline is printed; `vmzconv verify` / `predict` / `features` compute VMZ's flow. The model "
+                  "above takes flow clips [N, 2, T, H, W], normalised by its data_preprocessor."]
+        return "\n".join(lines)
     lines += _test_part(inp)
     lines.append(f"# MMAction2 0.x instead: img_norm_cfg = dict(mean={inp['mean']}, std={inp['std']}, to_bgr=False)")
     return "\n".join(lines)
