@@ -252,6 +252,8 @@ def test_predict_runs_on_a_video_with_sound(av_file, tmp_path, codec, suffix):
 def test_a_video_without_sound_is_refused_unless_silent_audio(av_file, tmp_path):
     video = write_video_with_audio(tmp_path / "mute.mp4", tone_frames(20), None)
     assert_one_line_error(run_cli("predict", av_file, video), "mute.mp4", "no audio stream", "--silent-audio")
+    blip = write_video_with_audio(tmp_path / "blip.mov", tone_frames(20), np.zeros(100, np.float32), codec="pcm_s16le")
+    assert_one_line_error(run_cli("predict", av_file, blip), "blip.mov", "no log-mel frame", "--silent-audio")
     res = run_cli("predict", av_file, video, "--num-clips", "1", "--json", "--silent-audio")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)[0]["silent_audio"] is True

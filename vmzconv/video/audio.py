@@ -151,13 +151,15 @@ class Track:
 
     def __init__(self, path: str, num_frames: int, span: int, silent_ok: bool):
         samples = decode_audio(path)
-        self.silent = samples is None
+        frames = None if samples is None else logmel_frames(samples)
+        self.silent = frames is None or frames.shape[0] == 0        # no stream, or under one 16 ms window of it
         if self.silent and not silent_ok:
-            raise DecodeError(f"{path}: no audio stream, and this audio-visual model needs one "
+            what = "no audio stream" if samples is None else f"an audio stream of {samples.size} samples (no log-mel frame)"
+            raise DecodeError(f"{path}: {what}, and this audio-visual model needs sound "
                               "(--silent-audio feeds it zeros instead, and marks the output)")
         self.num_frames = num_frames
         self.rows = (np.zeros((0, MEL_FILTERS), np.float32) if self.silent
-                     else aligned_rows(logmel_frames(samples), num_frames, span))
+                     else aligned_rows(frames, num_frames, span))
 
     def clips(self, starts) -> np.ndarray:
         return clip_logmels(self.rows, self.num_frames, starts)
