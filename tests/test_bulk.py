@@ -190,3 +190,21 @@ def test_manifest_names_cannot_escape_the_output_folder(vmz_pickle, tmp_path):
     proc = bulk(manifest, tmp_path / "out", "--jobs", "1")
     assert proc.returncode == 2 and "no folders" in proc.stderr
     assert not (tmp_path / "escaped.pth").exists()
+
+
+def test_bulk_converts_this_sessions_families_in_one_folder(tmp_path):
+    """An audio-visual R(2+1)D-18 (zoo-named, G-Blend), an optical-flow R(2+1)D-18 and an MC3-10 in one folder:
+    each converted with parity in its family's layout."""
+    src = tmp_path / "src"
+    src.mkdir()
+    synth.write_vmz_pickle(src / "av.pkl", synth.seeded_blobs("av_r2plus1d", 18))
+    synth.write_vmz_pickle(src / "flow.pkl", synth.seeded_blobs("r2plus1d", 18, in_channels=2))
+    synth.write_vmz_pickle(src / "mc3_d10.pkl", synth.seeded_blobs("mc3", 10))
+    proc = bulk(src, tmp_path / "out", "--jobs", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {Path(r["file"]).name: r for r in json.loads((tmp_path / "out" / "report.json").read_text())["rows"]}
+    assert {n: (r["arch"], r["target"], r["status"]) for n, r in rows.items()} == {
+        "av.pkl": ("av_r2plus1d_r18", "av", "converted"), "flow.pkl": ("r2plus1d_r18", "torchvision", "converted"),
+        "mc3_d10.pkl": ("mc3_r10", "torchvision", "converted")}
+    _, meta = checkpoint.load(tmp_path / "out" / "flow.pth")
+    assert meta["modality"] == "optical flow, 2 channels" and meta["parity"]["passed"]
