@@ -308,3 +308,25 @@ def test_csn_towers_at_depth_50_convert_with_parity_from_a_pickle(vmz_pickle, tm
     assert summary["arch"] == f"{family}_r50" and summary["target"] == "av" and summary["parity"]["passed"]
     card = json.loads(out.with_name("av.pth.json").read_text())
     assert card["gblend"] is False and card["input"]["audio"]["shape"] == [1, 100, 40]
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_onnx_runtimes_run_the_two_input_graph_and_equal_torch(av_file, tmp_path, runtime):
+    """predict's probabilities and the audio layer's features on ONNX Runtime / OpenVINO equal torch's (the
+    audio layer's graph reads no video: the exporter keeps only its audio input, under a name of its own)."""
+    pytest.importorskip(runtime)
+    video = write_video_with_audio(tmp_path / "v.mp4", tone_frames(20), _sound(0.8, 44100))
+    out = {}
+    for rt in ("torch", runtime):
+        res = run_cli("predict", av_file, video, "--num-clips", "2", "--json", "--runtime", rt,
+                      "--graph-cache", tmp_path / "graphs")
+        assert res.returncode == 0, res.stderr
+        assert "using torch" not in res.stderr
+        out[rt] = {c["index"]: c["probability"] for c in json.loads(res.stdout)[0]["top"]}
+        res = run_cli("features", av_file, video, "--out-dir", tmp_path / rt, "--layer", "audio", "--runtime", rt,
+                      "--graph-cache", tmp_path / "graphs")
+        assert res.returncode == 0 and "using torch" not in res.stderr, res.stderr
+    assert list(out["torch"]) == list(out[runtime])
+    assert max(abs(out["torch"][k] - out[runtime][k]) for k in out["torch"]) <= 1e-4
+    a, b = np.load(tmp_path / "torch" / "v.npy"), np.load(tmp_path / runtime / "v.npy")
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()

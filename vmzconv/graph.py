@@ -36,9 +36,10 @@ def _require():
 
 
 class Heads:
-    """The model with the outputs asked for: logits, the pooled features, or both."""
+    """The model with the outputs asked for: logits, the pooled features, or both (an audio-visual model's
+    "features": ``av_features``, one of its layers, av_fc2's output by default)."""
 
-    def __new__(cls, model, which: str):
+    def __new__(cls, model, which: str, av_features: str = "fused"):
         import torch
 
         class Heads(torch.nn.Module):
@@ -47,7 +48,9 @@ class Heads:
                 self.model = model
 
             def forward(self, video, audio=None):
-                if audio is not None:            # audio-visual: features = av_fc2's output, the joint head's input
+                if audio is not None:            # audio-visual: features = av_fc2's output (or another layer)
+                    if which == "features" and av_features != "fused":
+                        return self.model.layer(av_features, video, audio)
                     feats = self.model.fused(*self.model.towers(video, audio))
                     logits = self.model.fc(feats) if which != "features" else None
                 else:

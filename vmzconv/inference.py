@@ -153,11 +153,6 @@ def make_engine(conv, rt, device: torch.device, output: str, notes: list) -> Eng
 
     torch_engine = lambda: TorchEngine(conv.model, output, device, rt.precision, rt.max_views)  # noqa: E731
     wanted = rt.runtime
-    if conv.arch.fam.av:
-        if wanted not in ("auto", "torch"):
-            notes.append(f"--runtime {wanted}: an audio-visual model runs on torch here (`vmzconv export` writes its "
-                         "two-input ONNX graph)")
-        return torch_engine()
     if device.type == "cuda":
         if wanted not in ("auto", "torch"):
             notes.append(f"--runtime {wanted} runs on the CPU only; using torch on {device}")
