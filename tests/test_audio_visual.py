@@ -121,6 +121,21 @@ def test_parity_fails_for_each_fusion_fault(r18, fault, head):
     assert v.heads["visual"] <= 1e-4                 # the visual tower itself is untouched by these faults
 
 
+@pytest.mark.parametrize("fault,first", [({"swap_concat": True}, "joint"), ({"audio_pool": "avg"}, "audio")])
+def test_trace_names_the_tower_or_the_fusion(r18, fault, first):
+    """parity --trace on an audio-visual model: the visual tower stage by stage, the audio tower, every head;
+    the first divergent stage says where a fault is."""
+    from vmzconv.models import build_model
+
+    blobs, a, state = r18
+    model = build_model("av", a, **fault)
+    model.load_state_dict(state, strict=True)
+    trace = parity.trace(blobs, a, model, clip_size=(8, 32))
+    assert not trace.passed and trace.first_divergent == first and trace.hint
+    assert [s.name for s in trace.stages][-4:] == ["audio", "joint", "audio head", "visual head"]
+    assert not any(s.divergent for s in trace.stages if s.name.startswith("visual."))
+
+
 # -- the visual tower as an ordinary backbone -----------------------------------------------------------
 
 

@@ -287,8 +287,9 @@ def inspect(src, max_bytes, as_json):
 @_parity_clip_option
 @_tolerance_option
 @click.option("--trace", is_flag=True,
-              help="Compare the output of the stem, of every residual block (C3D: of each pool) and of the head, "
-                   "and name the first stage that diverges (with what usually causes it there).")
+              help="Compare the output of the stem, of every residual block (C3D: of each pool; audio-visual: the "
+                   "visual tower's, then the audio tower and every head) and of the head, and name the first stage "
+                   "that diverges (with what usually causes it there).")
 @click.option("--trace-tolerance", type=float, default=1e-4, show_default=True,
               help="Largest relative difference (max |diff| / max |reference|) a traced stage may have.")
 @click.option("--bn-eps", type=float, help="Build the PyTorch side with this BN eps (e.g. 1e-5, pytorchvideo's) "

@@ -191,6 +191,10 @@ HINTS = {
     "pool": "C3D up to this pool: a conv bias or BN dropped, BN eps, or a pool's padding (VMZ pads none; "
             "MMAction2's C3D pads pool5)",
     "head": "the classifier only (the trunk agrees): class order, or the classifier blobs (C3D: fc6/fc7 too)",
+    "audio": "the audio tower: a_conv1's bias, a block's BN or ReLU, a stride, or the final pool (VMZ max-pools the "
+             "4x2 map)",
+    "joint": "the fusion only (both towers agree): the concat order (visual first), the ReLUs after av_fc1 and "
+             "av_fc2, or the fusion blobs",
 }
 DEFAULT_TRACE_TOLERANCE = 1e-4
 
@@ -228,6 +232,44 @@ class Trace:
                 "parity": self.verdict.to_meta()}
 
 
+def _trace_av(blobs, arch, model, clip_size, tolerance: float, logit_tolerance: float) -> Trace:
+    """An audio-visual model: the visual tower stage by stage, the audio tower's pooled vector, then every head;
+    the verdict is parity's (every head)."""
+    import torch
+
+    clip, logmels = fixed_clip(*clip_size), fixed_logmels()
+    model.eval()
+    with torch.no_grad():
+        ours_stages = list(model.visual.stages(torch.from_numpy(clip)))
+        v = model.visual.pooled(ours_stages[-1][1])
+        a = model.audio.features(torch.from_numpy(logmels))
+        ours_heads = {"joint": model.fc(model.fused(v, a))}
+        if model.gblend:
+            ours_heads |= {"audio": model.audio.fc(a), "visual": model.visual.classifier()(v)}
+    stages: list[Stage] = []
+    view = reference._Prefixed(blobs.arrays, "v_")
+    for (name, ours), (ref_name, ref) in zip(ours_stages, reference.stages(view, arch.fam.visual, arch.depth, clip)):
+        assert name == ref_name, (name, ref_name)
+        stages.append(_stage(f"visual.{name}", ours, ref, tolerance))
+        last_ref = ref
+    ref_a = reference.audio_features(blobs.arrays, arch.depth, logmels)
+    stages.append(_stage("audio", a, ref_a, tolerance))
+    ref_heads = reference.av_fusion(blobs.arrays, arch.num_classes, last_ref.mean(axis=(2, 3, 4)), ref_a)
+    for head in ref_heads:
+        stages.append(_stage("joint" if head == "joint" else f"{head} head", ours_heads[head], ref_heads[head], tolerance))
+    verdicts = {h: compare(ours_heads[h].numpy(), ref_heads[h], logit_tolerance, clip.shape) for h in ref_heads}
+    failing = [h for h, v in verdicts.items() if not v.passed]
+    verdict = verdicts[failing[0] if failing else max(verdicts, key=lambda h: verdicts[h].max_abs_diff)]
+    if failing:
+        verdict.reason = f"{', '.join(failing)} head{'s' if len(failing) > 1 else ''}: {verdict.reason}"
+    verdict.heads = {h: float(v.max_abs_diff) for h, v in verdicts.items()}
+    first = next((s.name for s in stages if s.divergent), None)
+    kind = None if first is None else ("block" if first.startswith("visual.layer") else
+                                       "stem" if first == "visual.stem" else
+                                       "head" if first.endswith(" head") else first)
+    return Trace(stages, first, HINTS.get(kind, ""), verdict, tolerance)
+
+
 def _stage(name: str, ours, ref: np.ndarray, tolerance: float) -> Stage:
     """One stage's comparison, in torch (threaded, no float64 copy of ``ours``); a NaN or Inf anywhere
     makes the maximum non-finite, so no separate finiteness pass is needed."""
@@ -253,8 +295,7 @@ def trace(blobs, arch, model, head: dict | None = None, clip_size=DEFAULT_CLIP,
 
     check_clip(arch, clip_size)
     if arch.fam.av:
-        raise VmzconvError("--trace follows one video network stage by stage; for an audio-visual file run parity "
-                           "without it (it compares every head), or trace its visual tower (convert --tower visual)")
+        return _trace_av(blobs, arch, model, clip_size, tolerance, logit_tolerance)
     clip = fixed_clip(*clip_size, c=arch.in_channels)
     model.eval()
     # The PyTorch side runs first and keeps its (float32) stage outputs; the reference then streams past

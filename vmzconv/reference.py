@@ -511,8 +511,12 @@ def av_heads(blobs: Mapping[str, np.ndarray], family: str, depth: int, classes: 
         raise ValueError("an audio-visual model needs log-mels beside the clip")
     for _, x in stages(_Prefixed(blobs, "v_"), AV_VISUAL[family], depth, clip):
         pass
-    v = x.mean(axis=(2, 3, 4))
-    a = audio_features(blobs, depth, logmels)
+    return av_fusion(blobs, classes, x.mean(axis=(2, 3, 4)), audio_features(blobs, depth, logmels))
+
+
+def av_fusion(blobs: Mapping[str, np.ndarray], classes: int, v: np.ndarray, a: np.ndarray) -> dict[str, np.ndarray]:
+    """The heads on the towers' pooled vectors: av_concat [visual, audio] -> av_fc1 -> ReLU -> av_fc2 -> ReLU ->
+    last_out_L{N}; with G-Blend, a_last_out / v_last_out on each tower's vector."""
     y = np.concatenate([v, a], axis=1)                 # av_concat: visual first
     for fc in ("av_fc1", "av_fc2"):
         y = relu(y @ _w(blobs, fc + "_w").T + _w(blobs, fc + "_b"))
