@@ -225,15 +225,44 @@ def test_logmels_match_an_independent_numpy_version(signal):
         assert not ours.any()
 
 
-def test_alignment_stretches_the_clip_span_to_100_rows():
-    """align_audio=1: F frames of video, clips of span S -> F * 100 // S rows, a clip at frame s reads from
-    s * rows // F; past the end is zeros."""
-    frames = np.arange(99 * 40, dtype=np.float32).reshape(99, 40)        # one second of log-mels
-    rows = A.aligned_rows(frames, 25, 8)                                   # 25 frames, 8-frame clips
-    assert rows.shape == (312, 40)
-    clips = A.clip_logmels(rows, 25, [0, 17, 24])
+@pytest.mark.parametrize("video_frames,src_rows", [(25, 99), (25, 700), (301, 37)])
+def test_alignment_is_opencvs_resize_and_clips_read_their_start(video_frames, src_rows):
+    """align_audio=1: F frames of video, clips of span 8 -> F * 100 // 8 rows, as cv2.resize makes them (linear
+    when stretching, nearest when shrinking) though only the rows a clip reads are computed; a clip at frame s
+    reads from s * rows // F; past the end is zeros."""
+    import cv2
+
+    frames = np.random.default_rng(0).normal(size=(src_rows, 40)).astype(np.float32)
+    aligned = A.Aligned(frames, video_frames, 8)
+    rows = video_frames * 100 // 8
+    interp = cv2.INTER_LINEAR if rows >= src_rows else cv2.INTER_NEAREST
+    want = cv2.resize(frames, (40, rows), interpolation=interp)
+    assert aligned.rows == rows
+    assert np.abs(aligned.take(0, rows) - want).max() <= 1e-6
+    last = video_frames - 1
+    clips = A.clip_logmels(aligned, video_frames, [0, video_frames // 2, last])
     assert clips.shape == (3, 1, 100, 40)
-    assert np.array_equal(clips[1, 0], rows[212:312]) and not clips[2, 0, 13:].any()
+    a = (video_frames // 2) * rows // video_frames
+    assert np.abs(clips[1, 0, :min(100, rows - a)] - want[a:a + 100]).max() <= 1e-6
+    tail = rows - last * rows // video_frames
+    assert tail < 100 and not clips[2, 0, tail:].any()
+
+
+def test_log_mels_are_computed_while_the_stream_decodes(tmp_path):
+    """Frames taken as the samples arrive equal the frames of the whole decoded track at once."""
+    import av
+
+    video = write_video_with_audio(tmp_path / "v.mp4", tone_frames(20), _sound(1.7, 44100))
+    frames, total = A.decode_logmels(str(video))
+    with av.open(str(video)) as c:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=16000)
+        parts = []
+        for f in c.decode(audio=0):
+            f.pts = None
+            parts += [o.to_ndarray().reshape(-1) for o in resampler.resample(f)]
+    whole = np.concatenate(parts)
+    assert total == whole.size and frames.shape[0] == -(-(whole.size - 256) // 160)
+    assert np.array_equal(frames, A.logmel_frames(whole))
 
 
 # -- the commands -----------------------------------------------------------------------------------------
@@ -303,7 +332,7 @@ def test_export_has_two_inputs(av_file, tmp_path):
 def test_inspect_shows_both_towers_and_demo_writes_sound(tmp_path):
     res = run_cli("demo", "--arch", "av_r2plus1d_r18", "--out-dir", tmp_path)
     assert res.returncode == 0, res.stderr
-    assert A.decode_audio(str(tmp_path / "demo_av_r2plus1d_r18.mp4")).size > 16000
+    assert A.decode_logmels(str(tmp_path / "demo_av_r2plus1d_r18.mp4"))[1] > 2 * 16000 - 2000      # ~2 s of sound
     res = run_cli("inspect", tmp_path / "demo_av_r2plus1d_r18.pkl")
     assert res.returncode == 0, res.stderr
     for fragment in ("R(2+1)D-18 on RGB clips", "audio ResNet-18 on 1x100x40 log-mels", "av_fc1 1024->512",

@@ -16,8 +16,9 @@ Every constant is VMZ's (``ops/`` of facebookresearch/VMZ):
   [from, to) of the range they were built on; times ``kGain = 1080674186.3482928``; then ln(x) when x > e,
   else x / e. The filters are built in float32 as the C++ does.
 * alignment (``av_io.cc``, ``ClipTransformAudioLogmel``, ``align_audio = 1``, "perfect alignment", the op's
-  default): the whole track's log-mel frames are resized (OpenCV, linear when stretching, nearest when
-  shrinking) to ``rows = F * 100 // S`` frames, F the video's frame count and S the clip's span in frames,
+  default): the whole track's log-mel frames are resized (as OpenCV's resize: linear when stretching,
+  nearest when shrinking; only the rows a clip reads are computed) to ``rows = F * 100 // S`` frames, F the
+  video's frame count and S the clip's span in frames,
   so that one clip spans exactly ``kNumLogMelFrames = 100`` rows; a clip starting at frame s reads rows
   from ``s * rows // F`` (the op's start-frame formula), zero-padded past the end. The input is 1 x 100 x 40
   (channel x time x frequency), not normalised further.
@@ -103,44 +104,69 @@ def logmel_frames(samples: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def decode_audio(path: str) -> np.ndarray | None:
-    """The file's first audio stream as 16 kHz mono float32 samples, or None when it has no audio stream."""
+def decode_logmels(path: str) -> tuple[np.ndarray, int] | None:
+    """Log-mel frames [R, 40] of the file's first audio stream and the count of 16 kHz samples it gave, or None
+    when it has no audio stream. The frames are computed while the stream decodes: a frame is taken as soon
+    as more than 256 samples follow its start (LogSpectrum::Read's test, which can only stay true as the
+    stream goes on), and only the samples of frames still to come are kept."""
     import av
 
     with open_container(path) as container:
         if not container.streams.audio:
             return None
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        parts = []
+        pending, chunks, total = np.zeros(0, np.float32), [], 0
         try:
             for frame in container.decode(container.streams.audio[0]):
                 frame.pts = None                 # sample counts, not timestamps, as swr_convert sees them
                 for out in resampler.resample(frame):
-                    parts.append(out.to_ndarray().reshape(-1))
+                    part = out.to_ndarray().reshape(-1).astype(np.float32)
+                    total += part.size
+                    pending = np.concatenate([pending, part])
+                    done = logmel_frames(pending)
+                    if done.shape[0]:
+                        chunks.append(done)
+                        pending = pending[done.shape[0] * STEP:]
         except _av_errors() as e:
             raise DecodeError(f"{path}: cannot decode its audio: {e}") from None
-    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+    return (np.concatenate(chunks) if chunks else np.zeros((0, MEL_FILTERS), np.float32)), total
 
 
-def aligned_rows(frames: np.ndarray, num_frames: int, span: int) -> np.ndarray:
-    """The log-mel frames resized so that ``span`` video frames cover 100 rows (``align_audio = 1``)."""
-    import cv2
+class Aligned:
+    """The log-mel frames resized so that ``span`` video frames cover 100 rows (``align_audio = 1``): ``rows``
+    = F * 100 // span rows, as OpenCV's resize makes them (linear, half-pixel centres, when stretching;
+    nearest when shrinking), computed for the rows a clip reads rather than for the whole track."""
 
-    rows = num_frames * MEL_FRAMES // max(1, span)
-    if frames.shape[0] == 0 or rows < 1:
-        return np.zeros((0, MEL_FILTERS), np.float32)
-    interp = cv2.INTER_LINEAR if rows >= frames.shape[0] else cv2.INTER_NEAREST
-    return cv2.resize(np.ascontiguousarray(frames, np.float32), (MEL_FILTERS, rows), interpolation=interp)
+    def __init__(self, frames: np.ndarray, num_frames: int, span: int):
+        self.frames = np.ascontiguousarray(frames, np.float32)
+        self.rows = num_frames * MEL_FRAMES // max(1, span) if self.frames.shape[0] else 0
+
+    def take(self, start: int, n: int) -> np.ndarray:
+        """Rows ``start`` .. ``start + n - 1`` (fewer past the end)."""
+        src_rows = self.frames.shape[0]
+        idx = np.arange(start, min(start + n, self.rows), dtype=np.float64)
+        if idx.size == 0:
+            return np.zeros((0, MEL_FILTERS), np.float32)
+        inv_scale = self.rows / src_rows                   # OpenCV's inv_scale_y; its scale is 1 / that
+        if self.rows < src_rows:                            # INTER_NEAREST: floor(y * scale), clamped
+            return self.frames[np.minimum(np.floor(idx * (1.0 / inv_scale)).astype(np.int64), src_rows - 1)]
+        pos = (idx + 0.5) * (1.0 / inv_scale) - 0.5         # INTER_LINEAR
+        i0 = np.floor(pos).astype(np.int64)
+        frac = (pos - i0).astype(np.float32)
+        frac[i0 < 0] = 0
+        i0 = np.maximum(i0, 0)
+        frac[i0 >= src_rows - 1] = 0
+        i0 = np.minimum(i0, src_rows - 1)
+        i1 = np.minimum(i0 + 1, src_rows - 1)
+        return self.frames[i0] * (1 - frac)[:, None] + self.frames[i1] * frac[:, None]
 
 
-def clip_logmels(rows: np.ndarray, num_frames: int, starts) -> np.ndarray:
+def clip_logmels(aligned: Aligned, num_frames: int, starts) -> np.ndarray:
     """[len(starts), 1, 100, 40]: for a clip starting at video frame s, rows s * R // F onwards (R rows in
     all), zero-padded to 100."""
     out = np.zeros((len(starts), 1, MEL_FRAMES, MEL_FILTERS), np.float32)
-    r = rows.shape[0]
     for i, s in enumerate(starts):
-        a = int(s) * r // max(1, num_frames)
-        part = rows[a:a + MEL_FRAMES]
+        part = aligned.take(int(s) * aligned.rows // max(1, num_frames), MEL_FRAMES)
         out[i, 0, :part.shape[0]] = part
     return out
 
@@ -150,16 +176,15 @@ class Track:
     ``silent`` and the file has no audio stream (only then)."""
 
     def __init__(self, path: str, num_frames: int, span: int, silent_ok: bool):
-        samples = decode_audio(path)
-        frames = None if samples is None else logmel_frames(samples)
-        self.silent = frames is None or frames.shape[0] == 0        # no stream, or under one 16 ms window of it
+        decoded = decode_logmels(path)
+        frames = np.zeros((0, MEL_FILTERS), np.float32) if decoded is None else decoded[0]
+        self.silent = frames.shape[0] == 0                  # no stream, or under one 16 ms window of it
         if self.silent and not silent_ok:
-            what = "no audio stream" if samples is None else f"an audio stream of {samples.size} samples (no log-mel frame)"
+            what = "no audio stream" if decoded is None else f"an audio stream of {decoded[1]} samples (no log-mel frame)"
             raise DecodeError(f"{path}: {what}, and this audio-visual model needs sound "
                               "(--silent-audio feeds it zeros instead, and marks the output)")
         self.num_frames = num_frames
-        self.rows = (np.zeros((0, MEL_FILTERS), np.float32) if self.silent
-                     else aligned_rows(frames, num_frames, span))
+        self.aligned = Aligned(frames, num_frames, span)
 
     def clips(self, starts) -> np.ndarray:
-        return clip_logmels(self.rows, self.num_frames, starts)
+        return clip_logmels(self.aligned, self.num_frames, starts)
