@@ -309,6 +309,19 @@ def test_a_video_without_sound_is_refused_unless_silent_audio(av_file, tmp_path)
     assert_one_line_error(run_cli("config", av_file, "--finetune", "--num-classes", "5"), "--tower visual")
 
 
+def test_config_lines_run_as_printed(av_file):
+    """`vmzconv config` of an audio-visual file builds vmzconv's model and loads the file strictly, as printed."""
+    res = run_cli("config", av_file)
+    assert res.returncode == 0, res.stderr
+    ns: dict = {}
+    exec(res.stdout, ns)                                             # noqa: S102 (our own printed lines)
+    from vmzconv.load import load_converted
+
+    clip, logmels = torch.from_numpy(parity.fixed_clip(8, 32)), torch.from_numpy(parity.fixed_logmels())
+    with torch.no_grad():
+        assert torch.equal(ns["model"].eval()(clip, logmels), load_converted(av_file).model(clip, logmels))
+
+
 def test_features_give_audio_and_fused_layers(av_file, tmp_path):
     video = write_video_with_audio(tmp_path / "v.mp4", tone_frames(20), _sound(0.8, 44100))
     dims = {}

@@ -118,6 +118,17 @@ def test_parameter_count_is_the_published_one():
     assert len([e for e in zoo.entries() if e["arch"] == "c3d"]) == 4
 
 
+def test_config_lines_run_as_printed(golden):
+    """`vmzconv config` of a C3D file: the card's class, then a strict load of the file; run as printed."""
+    res = run_cli("config", golden["out"])
+    assert res.returncode == 0, res.stderr
+    ns: dict = {}
+    exec(res.stdout, ns)                                             # noqa: S102 (our own printed lines)
+    with torch.no_grad():
+        got = ns["model"].eval()(torch.from_numpy(golden["clip"])).numpy()
+    assert np.abs(got - golden["ref"]).max() <= 1e-4 * np.abs(golden["ref"]).max()
+
+
 def test_finetune_lines_train_a_step(golden):
     """`vmzconv config --finetune` for C3D: plain PyTorch lines (a new fc8, BN frozen) that run as printed."""
     res = run_cli("config", golden["out"], "--finetune", "--num-classes", "5")

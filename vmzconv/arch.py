@@ -441,9 +441,7 @@ def _av_archs(blobs: Blobs, names: set) -> list[Arch]:
     heads = [f"{t}_last_out_L{classes}_w" in names for t in "av"]
     if heads[0] != heads[1]:
         raise ArchError(f"{src}: G-Blend heads come in pairs; found only {'a' if heads[0] else 'v'}_last_out_L{classes}")
-    view = {n[2:]: a for n, a in blobs.arrays.items() if n.startswith("v_") and not n.startswith("v_last_out_L")}
-    view.update({n: blobs[n] for n in (f"last_out_L{classes}_w", f"last_out_L{classes}_b") if n in names})
-    visual = Blobs(src, view)
+    visual = av_visual_blobs(blobs, classes, "joint")
     found = []
     for a in candidates(visual):
         av = f"av_{a.family}"
@@ -452,6 +450,22 @@ def _av_archs(blobs: Blobs, names: set) -> list[Arch]:
                             "around R(2+1)D, R3D, ir-CSN and ip-CSN")
         found.append(Arch(av, a.depth, classes, a.conv1_kt, gblend=all(heads)))
     return found
+
+
+def av_visual_blobs(blobs: Blobs, classes: int, head: str) -> Blobs:
+    """An audio-visual file's visual tower under its family's own blob names ("v_" dropped), with
+    ``last_out_L{N}`` taken from the G-Blend visual head (``head="visual"``) or the joint head ("joint")."""
+    view = {n[2:]: a for n, a in blobs.arrays.items() if n.startswith("v_") and not n.startswith("v_last_out_L")}
+    prefix = "v_" if head == "visual" else ""
+    view.update({f"last_out_L{classes}{s}": blobs[f"{prefix}last_out_L{classes}{s}"] for s in ("_w", "_b")
+                 if f"{prefix}last_out_L{classes}{s}" in blobs})
+    return Blobs(blobs.source, view, blobs.sha256, blobs.size, list(blobs.notes))
+
+
+def av_blob_counts(blobs: Blobs) -> dict[str, int]:
+    """How many blobs an audio-visual file holds per tower (the "v_" and "a_" names)."""
+    names = blobs.names()
+    return {"visual": sum(n.startswith("v_") for n in names), "audio": sum(n.startswith("a_") for n in names)}
 
 
 def _c3d_arch(blobs: Blobs, names: set) -> Arch:

@@ -164,22 +164,15 @@ def visual_tower(blobs: Blobs, a: arch_mod.Arch, headless_ok: bool) -> tuple[Blo
     classifier: only a backbone layout takes it (the joint head then only probes parity, and is dropped)."""
     if not a.fam.av:
         raise VmzconvError(f"{blobs.source}: --tower visual is for audio-visual files; this is {a.name}")
-    n = a.num_classes
-    view = {name[2:]: arr for name, arr in blobs.arrays.items()
-            if name.startswith("v_") and not name.startswith("v_last_out_L")}
-    if a.gblend:
-        view.update({f"last_out_L{n}{s}": blobs[f"v_last_out_L{n}{s}"] for s in ("_w", "_b")})
-    elif headless_ok:
-        view.update({f"last_out_L{n}{s}": blobs[f"last_out_L{n}{s}"] for s in ("_w", "_b")})
-    else:
+    if not a.gblend and not headless_ok:
         raise VmzconvError(f"{blobs.source}: no G-Blend heads, so no classifier on the visual tower alone; "
                            "--target mmaction2-backbone writes the trunk without one")
-    left = len(blobs) - sum(1 for b in blobs.names() if b.startswith("v_"))
+    counts = arch_mod.av_blob_counts(blobs)
     note = (f"the visual tower of the audio-visual {a.name} ({blobs.source}): weights from its audio-visual "
-            f"training; {left} audio-tower and fusion blobs left out"
-            + ("; its classifier is the G-Blend visual head v_last_out" if a.gblend else ""))
-    view_blobs = Blobs(blobs.source, view, blobs.sha256, blobs.size, list(blobs.notes))
-    return view_blobs, a.visual, [note]
+            f"training; {len(blobs) - counts['visual']} audio-tower and fusion blobs left out"
+            + ("; its classifier is the G-Blend visual head" if a.gblend else ""))
+    view = arch_mod.av_visual_blobs(blobs, a.num_classes, "visual" if a.gblend else "joint")
+    return view, a.visual, [note]
 
 
 def choose_target(a: arch_mod.Arch, target: str, keep_head: bool) -> tuple[str, list[str]]:
@@ -349,10 +342,10 @@ def inspect(src: str | Path, max_bytes: int | None = None) -> dict:
     )
     if a.fam.av:
         w, n = a.feature_dim, a.num_classes
-        count = {p: sum(1 for b in blobs.names() if b.startswith(p)) for p in ("v_", "a_")}
+        count = arch_mod.av_blob_counts(blobs)
         report["towers"] = {
-            "visual": f"{arch_mod.FAMILIES[a.fam.visual].title}-{a.depth} on RGB clips ({count['v_']} v_ blobs)",
-            "audio": f"VMZ's audio ResNet-{a.depth} on 1x100x40 log-mels ({count['a_']} a_ blobs)",
+            "visual": f"{arch_mod.FAMILIES[a.fam.visual].title}-{a.depth} on RGB clips ({count['visual']} blobs)",
+            "audio": f"VMZ's audio ResNet-{a.depth} on 1x100x40 log-mels ({count['audio']} blobs)",
             "fusion": f"[visual {w}, audio {w}] -> av_fc1 {2 * w}->{w}, ReLU -> av_fc2 {w}->{w}, ReLU -> "
                       f"last_out_L{n} {w}->{n}",
             "heads": ["joint", "audio", "visual"] if a.gblend else ["joint"],

@@ -247,8 +247,8 @@ def _trace_av(blobs, arch, model, clip_size, tolerance: float, logit_tolerance: 
         if model.gblend:
             ours_heads |= {"audio": model.audio.fc(a), "visual": model.visual.classifier()(v)}
     stages: list[Stage] = []
-    view = reference._Prefixed(blobs.arrays, "v_")
-    for (name, ours), (ref_name, ref) in zip(ours_stages, reference.stages(view, arch.fam.visual, arch.depth, clip)):
+    ref_stages = reference.av_visual_stages(blobs.arrays, arch.family, arch.depth, clip)
+    for (name, ours), (ref_name, ref) in zip(ours_stages, ref_stages):
         assert name == ref_name, (name, ref_name)
         stages.append(_stage(f"visual.{name}", ours, ref, tolerance))
         last_ref = ref

@@ -504,12 +504,17 @@ def audio_features(blobs: Mapping[str, np.ndarray], depth: int, logmels: np.ndar
     return x.max(axis=(2, 3))
 
 
+def av_visual_stages(blobs: Mapping[str, np.ndarray], family: str, depth: int, clip: np.ndarray):
+    """:func:`stages` of an audio-visual model's visual tower (its "v_" blobs)."""
+    return stages(_Prefixed(blobs, "v_"), AV_VISUAL[family], depth, clip)
+
+
 def av_heads(blobs: Mapping[str, np.ndarray], family: str, depth: int, classes: int, clip: np.ndarray,
              logmels: np.ndarray) -> dict[str, np.ndarray]:
     """The joint logits, and with G-Blend heads the audio and visual ones: {"joint", ["audio", "visual"]}."""
     if logmels is None:
         raise ValueError("an audio-visual model needs log-mels beside the clip")
-    for _, x in stages(_Prefixed(blobs, "v_"), AV_VISUAL[family], depth, clip):
+    for _, x in av_visual_stages(blobs, family, depth, clip):
         pass
     return av_fusion(blobs, classes, x.mean(axis=(2, 3, 4)), audio_features(blobs, depth, logmels))
 

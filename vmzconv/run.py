@@ -171,11 +171,11 @@ def default_threads(world: int = 1) -> int:
 @contextlib.contextmanager
 def open_run(ckpt: str | Path, arch: str | None, rt: RuntimeOptions, output: str = "logits",
              protocol_overrides: dict | None = None, norm: Norm | None = None, needs_head: str | None = None,
-             quiet: bool = False, silent_audio: bool = False):
+             quiet: bool = False):
     """The shared set-up of a run (see the module docstring); ``output`` is what the model function
     returns: ``logits`` or ``features`` (the pooled vector; audio-visual models also ``audio`` and
     ``fused``). ``needs_head``: the message for a backbone-only file, when the command needs a classifier.
-    ``silent_audio``: an audio-visual model gets zeros for a video without an audio stream (else that video
+    ``rt.silent_audio``: an audio-visual model gets zeros for a video without an audio stream (else that video
     is an error)."""
     import torch
 
@@ -209,7 +209,7 @@ def open_run(ckpt: str | Path, arch: str | None, rt: RuntimeOptions, output: str
         for note in notes:
             if rank == 0 and not quiet:
                 print(f"vmzconv: note: {safe(note)}", file=sys.stderr)
-        audio = ("silent" if silent_audio or rt.silent_audio else "need") if conv.arch.fam.av else None
+        audio = ("silent" if rt.silent_audio else "need") if conv.arch.fam.av else None
         yield Run(conv, protocol, mean, std, engine, rank, world, rt.workers, notes, audio, conv.arch.flow)
     finally:
         if world > 1:
